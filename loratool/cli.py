@@ -1,0 +1,190 @@
+"""Typer wiring: flags → config → <verb>.run(config). The one place errors become messages.
+
+No torch or diffusers at import time: `loratool --help` must be instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loratool import __version__
+from loratool.errors import LoratoolError, NotBuiltError
+
+app = typer.Typer(
+    name="loratool",
+    help="LoRA toolkit for Stable Diffusion XL: copy-machine training, exact SVD merges, slider sweeps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", help="Hub id, diffusers folder or single-file .safetensors SDXL checkpoint."),
+]
+ModelConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-config", help="Local diffusers folder whose configs describe a single-file --model."
+    ),
+]
+RefinerOpt = Annotated[
+    str, typer.Option("--refiner", help="Refiner hub id, folder or file; 'none' disables it.")
+]
+VaeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vae", help="VAE override; on CUDA fp16 the fp16-fix VAE is the default ('base' keeps the model's)."
+    ),
+]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto|fp16|bf16|fp32 (auto: fp16 on GPU, fp32 on CPU).")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+OutFileOpt = Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors file.")]
+
+
+def handled(fn: Callable) -> Callable:
+    """Turn LoratoolError into one line on stderr and its exit code; LORATOOL_DEBUG=1 keeps the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoratoolError as exc:
+            if os.environ.get("LORATOOL_DEBUG") == "1":
+                raise
+            typer.echo(f"loratool: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"loratool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="More diagnostics on stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+    )
+    # transformers/diffusers reset their loggers on import, so quiet them through their own variables.
+    for lib in ("TRANSFORMERS", "DIFFUSERS"):
+        os.environ.setdefault(f"{lib}_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for noisy in ("accelerate", "peft", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@app.command()
+@handled
+def train(
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Training image (copy mode) or folder.")] = None,
+    output: OutFileOpt = Path("lora.safetensors"),
+    mode: Annotated[str, typer.Option("--mode", help="copy | dreambooth | wrong")] = "copy",
+    model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
+) -> None:
+    """Train a LoRA: copy-machine (one image, empty prompt), dreambooth, or the negative 'wrong' LoRA."""
+    raise NotBuiltError("loratool train is not built yet; it arrives with the copy-machine training issue.")
+
+
+@app.command()
+@handled
+def sample(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("samples"),
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt for both text encoders.")] = "",
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Comma-separated seeds (rows of the sheet).")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps")] = 30,
+    guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
+    width: Annotated[int | None, typer.Option("--width", help="Default: the model's native size.")] = None,
+    height: Annotated[int | None, typer.Option("--height")] = None,
+    high_noise_frac: Annotated[
+        float, typer.Option("--high-noise-frac", help="Base's share of the steps.")
+    ] = 0.8,
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="LoRA FILE[:WEIGHT] (repeatable).")] = None,
+    model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
+    model_config: ModelConfigOpt = None,
+    refiner: RefinerOpt = "stabilityai/stable-diffusion-xl-refiner-1.0",
+    refiner_config: Annotated[str | None, typer.Option("--refiner-config")] = None,
+    vae: VaeOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Render images through SDXL base + refiner (slider sweeps arrive with the sample issue)."""
+    from loratool import sample as verb
+
+    if lora:
+        raise NotBuiltError("sample --lora is not built yet; it arrives with the slider-sweep issue.")
+    config = verb.SampleConfig(
+        output=output,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seeds=verb.parse_seeds(seeds) if seeds else [seed],
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        high_noise_frac=high_noise_frac,
+        model=model,
+        model_config=model_config,
+        refiner=refiner,
+        refiner_config=refiner_config,
+        vae=vae,
+        precision=precision,
+        device=device,
+        force=force,
+    )
+    for path in verb.run(config):
+        typer.echo(str(path))
+
+
+@app.command()
+@handled
+def merge(
+    inputs: Annotated[list[str], typer.Argument(help="LoRA files, each FILE[:WEIGHT] (weight default 1).")],
+    output: OutFileOpt = Path("merged.safetensors"),
+    svd: Annotated[bool, typer.Option("--svd/--no-svd")] = True,
+    rank: Annotated[int | None, typer.Option("--rank")] = None,
+) -> None:
+    """Fold LoRAs at signed weights (A:1 B:-1 → slider) and re-factor each layer exactly with SVD."""
+    raise NotBuiltError("loratool merge is not built yet; it arrives with the merge issue.")
+
+
+@app.command()
+@handled
+def inspect(file: Annotated[Path, typer.Argument(help="LoRA .safetensors file.")]) -> None:
+    """Show a LoRA file's format, components, ranks, alphas and metadata."""
+    raise NotBuiltError("loratool inspect is not built yet; it arrives with the LoRA-files issue.")
+
+
+@app.command()
+@handled
+def demo(output: Annotated[Path, typer.Option("-o", "--output")] = Path("demo-out")) -> None:
+    """Train a slider on the embedded demo model and render it, offline, in minutes."""
+    raise NotBuiltError("loratool demo is not built yet; it arrives with the demo-model issue.")
+
+
+def main() -> None:
+    app()

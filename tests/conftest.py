@@ -1,0 +1,44 @@
+"""Shared fixtures: one torch thread, offline hub, and the tiny SDXL models built once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # with two threads a busy neighbour slows torch 10-100x
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folders `base` and `refiner` plus single-file `base.safetensors` / `refiner.safetensors`."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from loratool.sdxl.checkpoint import save_single_file
+    from loratool.sdxl.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    base_dir, refiner_dir = save_tiny(root)
+    save_single_file(StableDiffusionXLPipeline.from_pretrained(base_dir), root / "base.safetensors")
+    save_single_file(
+        StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir), root / "refiner.safetensors"
+    )
+    return root
+
+
+@pytest.fixture
+def cli():
+    """Invoke the Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from loratool.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args])
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke

@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+
+def test_help_lists_the_verbs(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    for verb in ("train", "merge", "sample", "inspect", "demo"):
+        assert verb in out
+
+
+def test_cli_import_does_not_load_torch():
+    # --help must be instant: heavy libraries are imported inside commands only.
+    probe = "import sys, loratool.cli; print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_version(cli):
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("loratool ")
+
+
+def test_unbuilt_verb_says_so_and_exits_2(cli):
+    code, _, err = cli("demo")
+    assert code == 2
+    assert "not built yet" in err
+    assert "Traceback" not in err
+
+
+def test_debug_env_shows_traceback(monkeypatch):
+    from typer.testing import CliRunner
+
+    from loratool.cli import app
+    from loratool.errors import NotBuiltError
+
+    monkeypatch.setenv("LORATOOL_DEBUG", "1")
+    result = CliRunner().invoke(app, ["demo"])
+    assert isinstance(result.exception, NotBuiltError)
