@@ -32,25 +32,17 @@ ModelOpt = Annotated[
 ]
 ModelConfigOpt = Annotated[
     str | None,
-    typer.Option(
-        "--model-config", help="Local diffusers folder whose configs describe a single-file --model."
-    ),
+    typer.Option("--model-config", help="Local diffusers folder whose configs describe a single-file --model."),
 ]
-RefinerOpt = Annotated[
-    str, typer.Option("--refiner", help="Refiner hub id, folder or file; 'none' disables it.")
-]
+RefinerOpt = Annotated[str, typer.Option("--refiner", help="Refiner hub id, folder or file; 'none' disables it.")]
 VaeOpt = Annotated[
     str | None,
     typer.Option(
         "--vae", help="VAE override; on CUDA fp16 the fp16-fix VAE is the default ('base' keeps the model's)."
     ),
 ]
-PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="auto|fp16|bf16|fp32 (auto: fp16 on GPU, fp32 on CPU).")
-]
-DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")
-]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto|fp16|bf16|fp32 (auto: fp16 on GPU, fp32 on CPU).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 OutFileOpt = Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors file.")]
 
@@ -112,16 +104,12 @@ def sample(
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt for both text encoders.")] = "",
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    seeds: Annotated[
-        str | None, typer.Option("--seeds", help="Comma-separated seeds (rows of the sheet).")
-    ] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (rows of the sheet).")] = None,
     steps: Annotated[int, typer.Option("--steps")] = 30,
     guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
     width: Annotated[int | None, typer.Option("--width", help="Default: the model's native size.")] = None,
     height: Annotated[int | None, typer.Option("--height")] = None,
-    high_noise_frac: Annotated[
-        float, typer.Option("--high-noise-frac", help="Base's share of the steps.")
-    ] = 0.8,
+    high_noise_frac: Annotated[float, typer.Option("--high-noise-frac", help="Base's share of the steps.")] = 0.8,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="LoRA FILE[:WEIGHT] (repeatable).")] = None,
     model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
     model_config: ModelConfigOpt = None,

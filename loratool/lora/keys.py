@@ -32,9 +32,7 @@ TOP_LEVEL = (
     ("conv_norm_out", "out.0"),
     ("conv_out", "out.2"),
 )
-TE_MODULE = re.compile(
-    r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$"
-)
+TE_MODULE = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$")
 
 
 def _per_block(value, n: int) -> list[int]:

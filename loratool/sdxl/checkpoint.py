@@ -76,9 +76,7 @@ def _vae_state(vae) -> dict:
         sgm = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", sgm)
         sgm = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", sgm)
         # LDM numbers decoder blocks from the bottom: diffusers up_blocks.i is up.(n-1-i).
-        sgm = re.sub(
-            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", sgm
-        )
+        sgm = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", sgm)
         sgm = re.sub(
             r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
             lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.",

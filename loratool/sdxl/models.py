@@ -58,11 +58,7 @@ def pick_runtime(device: str | None = None, precision: str = "auto") -> Runtime:
 
 
 def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith((".", "/", "~"))
-        or source.endswith((".safetensors", ".ckpt", ".pt"))
-        or "\\" in source
-    )
+    return source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".ckpt", ".pt")) or "\\" in source
 
 
 def _check_folder(path: Path, expected: str, what: str) -> None:
@@ -80,9 +76,7 @@ def _check_single_file(path: Path, refiner: bool, config: str | None) -> None:
     from loratool.sdxl.checkpoint import checkpoint_kind, read_keys
 
     if path.suffix in (".ckpt", ".pt", ".bin"):
-        raise ModelSourceError(
-            f"{path} is a pickle checkpoint, which can run code: convert it to .safetensors."
-        )
+        raise ModelSourceError(f"{path} is a pickle checkpoint, which can run code: convert it to .safetensors.")
     kind = checkpoint_kind(read_keys(path))
     wanted = "sdxl-refiner" if refiner else "sdxl-base"
     names = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl-base": "an SDXL base"}
@@ -101,9 +95,7 @@ def _offline() -> bool:
     return bool(c.HF_HUB_OFFLINE)
 
 
-def load_pipeline(
-    source: str, runtime: Runtime, *, refiner: bool = False, config: str | None = None, **parts
-):
+def load_pipeline(source: str, runtime: Runtime, *, refiner: bool = False, config: str | None = None, **parts):
     """Load an SDXL base (or refiner) pipeline from `source`; `parts` replace components (shared ones)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -158,9 +150,7 @@ def load_vae(source: str, runtime: Runtime):
         if _looks_like_path(source) and not path.exists():
             raise ModelSourceError(f"--vae {source}: no such file or folder.")
         sub = "vae" if (path / "vae").is_dir() else None
-        return AutoencoderKL.from_pretrained(source, subfolder=sub, dtype=runtime.dtype).to(
-            runtime.device
-        )
+        return AutoencoderKL.from_pretrained(source, subfolder=sub, dtype=runtime.dtype).to(runtime.device)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"could not load --vae {source!r} ({_first_line(exc)}).") from exc
 

@@ -184,9 +184,7 @@ def build_tiny_pipelines(spec: TinySpec = TinySpec(), seed: int = 0):
     tok2 = build_tokenizer(spec.words, pad_token="!")  # SDXL's second tokenizer pads with "!"
     eos = tok1.convert_tokens_to_ids("<|endoftext|>")
     te1 = CLIPTextModel(_text_encoder_config(spec.te1_width, spec.te1_width, "quick_gelu", len(tok1), eos))
-    te2 = CLIPTextModelWithProjection(
-        _text_encoder_config(spec.te2_width, spec.te2_projection, "gelu", len(tok2), eos)
-    )
+    te2 = CLIPTextModelWithProjection(_text_encoder_config(spec.te2_width, spec.te2_projection, "gelu", len(tok2), eos))
     vae = AutoencoderKL(**vae_config(spec))
     base = StableDiffusionXLPipeline(
         vae=vae,
