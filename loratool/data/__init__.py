@@ -1,0 +1,1 @@
+"""Training data: images, aspect buckets, slider pairs."""
