@@ -162,9 +162,27 @@ def merge(
 
 @app.command()
 @handled
-def inspect(file: Annotated[Path, typer.Argument(help="LoRA .safetensors file.")]) -> None:
-    """Show a LoRA file's format, components, ranks, alphas and metadata."""
-    raise NotBuiltError("loratool inspect is not built yet; it arrives with the LoRA-files issue.")
+def inspect(
+    file: Annotated[Path, typer.Argument(help="LoRA .safetensors file.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Diffusers folder to check against (default: SDXL 1.0 base).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a LoRA file's format, components, ranks, alphas and metadata, and check it fits a model."""
+    import json
+
+    from loratool import inspect as verb
+
+    report = verb.run(verb.InspectConfig(file=file, model=model))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        if key != "metadata":
+            typer.echo(f"{key:>14}: {value}")
+    for key, value in sorted(report["metadata"].items()):
+        typer.echo(f"{'meta ' + key:>14}: {value[:100]}")
 
 
 @app.command()
