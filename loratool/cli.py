@@ -152,19 +152,72 @@ def sample(
 @handled
 def merge(
     inputs: Annotated[list[str], typer.Argument(help="LoRA files, each FILE[:WEIGHT] (weight default 1).")],
-    output: OutFileOpt = Path("merged.safetensors"),
-    svd: Annotated[bool, typer.Option("--svd/--no-svd")] = True,
-    rank: Annotated[int | None, typer.Option("--rank")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors (or folder with --into-base).")],
+    svd: Annotated[
+        bool | None, typer.Option("--svd/--no-svd", help="Exact SVD re-factoring (default for 2+ inputs).")
+    ] = None,
+    concat: Annotated[bool, typer.Option("--concat", help="Same as --no-svd: exact rank concatenation.")] = False,
+    rank: Annotated[int | None, typer.Option("--rank", help="Truncate each module to this rank.")] = None,
+    sv_fro: Annotated[float | None, typer.Option("--sv-fro", help="Keep the Frobenius-norm fraction F.")] = None,
+    sv_ratio: Annotated[float | None, typer.Option("--sv-ratio", help="Keep singular values > S0/R.")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Output alpha (default: rank, scale 1).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16 | bf16 | fp32 for the output.")] = "fp16",
+    float64: Annotated[bool, typer.Option("--float64", help="Compute in float64 (default float32).")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="kohya (default) or diffusers.")] = "kohya",
+    model: Annotated[
+        str | None, typer.Option("--model", help="Base to check against / fold into (default: SDXL 1.0 base).")
+    ] = None,
+    model_config: ModelConfigOpt = None,
+    into_base: Annotated[bool, typer.Option("--into-base", help="Fold the LoRAs into --model, write a model.")] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the per-module table as JSON.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Fold LoRAs at signed weights (A:1 B:-1 → slider) and re-factor each layer exactly with SVD."""
-    raise NotBuiltError("loratool merge is not built yet; it arrives with the merge issue.")
+    from loratool import merge as verb
+
+    config = verb.MergeConfig(
+        inputs=[verb.parse_input(text) for text in inputs],
+        output=output,
+        svd=False if concat else svd,
+        rank=rank,
+        sv_fro=sv_fro,
+        sv_ratio=sv_ratio,
+        alpha=alpha,
+        dtype=dtype,
+        float64=float64,
+        format=fmt,
+        model=model,
+        model_config=model_config,
+        into_base=into_base,
+        report=report,
+        force=force,
+    )
+    typer.echo(str(verb.run(config)))
 
 
 @app.command()
 @handled
-def inspect(file: Annotated[Path, typer.Argument(help="LoRA .safetensors file.")]) -> None:
-    """Show a LoRA file's format, components, ranks, alphas and metadata."""
-    raise NotBuiltError("loratool inspect is not built yet; it arrives with the LoRA-files issue.")
+def inspect(
+    file: Annotated[Path, typer.Argument(help="LoRA .safetensors file.")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Diffusers folder to check against (default: SDXL 1.0 base).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a LoRA file's format, components, ranks, alphas and metadata, and check it fits a model."""
+    import json
+
+    from loratool import inspect as verb
+
+    report = verb.run(verb.InspectConfig(file=file, model=model))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        if key != "metadata":
+            typer.echo(f"{key:>14}: {value}")
+    for key, value in sorted(report["metadata"].items()):
+        typer.echo(f"{'meta ' + key:>14}: {value[:100]}")
 
 
 @app.command()

@@ -22,9 +22,7 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     base_dir, refiner_dir = save_tiny(root)
     save_single_file(StableDiffusionXLPipeline.from_pretrained(base_dir), root / "base.safetensors")
-    save_single_file(
-        StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir), root / "refiner.safetensors"
-    )
+    save_single_file(StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir), root / "refiner.safetensors")
     return root
 
 

@@ -43,9 +43,7 @@ def test_folder_and_single_file_render_the_same(cli, tiny_models, tmp_path):
 
 
 def test_refiner_from_folder_and_file_render_the_same(cli, tiny_models, tmp_path):
-    a, png = _render(
-        cli, tmp_path, "folder", "--model", tiny_models / "base", refiner=tiny_models / "refiner"
-    )
+    a, png = _render(cli, tmp_path, "folder", "--model", tiny_models / "base", refiner=tiny_models / "refiner")
     b, _ = _render(
         cli,
         tmp_path,
@@ -131,9 +129,7 @@ def test_refiner_checkpoint_as_base(cli, tiny_models, tmp_path):
 
 
 def test_single_file_offline_without_config(cli, tiny_models, tmp_path):
-    _fails_with(
-        cli, tmp_path, "--model-config", "--model", tiny_models / "base.safetensors", "--refiner", "none"
-    )
+    _fails_with(cli, tmp_path, "--model-config", "--model", tiny_models / "base.safetensors", "--refiner", "none")
 
 
 def test_corrupt_checkpoint(cli, tmp_path):

@@ -39,7 +39,6 @@ class LoraModule:
 
     def delta(self):
         """The dense ΔW (float32), shaped like the target weight. For tests and small layers only."""
-        import torch
 
         down, up = self.down.float(), self.up.float()
         flat = (up.flatten(1) @ down.flatten(1)) * self.scale

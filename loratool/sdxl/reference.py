@@ -98,3 +98,29 @@ def meta_text_encoder(config: dict, projection: bool):
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     with torch.device("meta"):
         return cls(CLIPTextConfig(**config))
+
+
+def meta_components(source: str | None):
+    """(unet, text_encoder, text_encoder_2) on the meta device for a diffusers folder, or real SDXL if None.
+
+    Validating a LoRA needs names and shapes only: no weights are read.
+    """
+    import json
+    from pathlib import Path
+
+    from loratool.errors import ModelSourceError
+
+    if source is None:
+        return meta_unet(BASE_UNET), meta_text_encoder(TEXT_ENCODER, False), meta_text_encoder(TEXT_ENCODER_2, True)
+    root = Path(source).expanduser()
+    if not (root / "unet" / "config.json").is_file():
+        raise ModelSourceError(f"--model {source}: give a diffusers folder (with unet/config.json) to check against.")
+    unet_config = json.loads((root / "unet" / "config.json").read_text())
+    unet = meta_unet({k: v for k, v in unet_config.items() if not k.startswith("_")})
+    encoders = []
+    for sub, projection in (("text_encoder", False), ("text_encoder_2", True)):
+        path = root / sub / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else None
+        keep = {k: config[k] for k in TEXT_ENCODER if config and k in config}
+        encoders.append(meta_text_encoder(keep, projection) if config else None)
+    return unet, *encoders

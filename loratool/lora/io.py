@@ -1,0 +1,264 @@
+"""Reading every common SDXL LoRA file format and writing kohya or diffusers files, with metadata.
+
+Formats are detected from the keys; names are translated by `lora.keys` only. Nothing is dropped
+silently: unknown or unsupported keys are an error that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from loratool import __version__
+from loratool.errors import LoraFileError
+from loratool.lora import keys as K
+from loratool.lora.network import LoraModule, LoraNetwork
+
+UNSUPPORTED = {
+    "dora_scale": "DoRA (dora_scale)",
+    "hada_": "LoHa (hada_*)",
+    "lokr_": "LoKr (lokr_*)",
+    ".diff": "full weight differences (diff)",
+    "lora_mid": "LoCon Tucker (lora_mid)",
+}
+KOHYA_SUFFIX = re.compile(r"^(lora_(?:unet|te1|te2|te)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding", "add_embedding")
+
+
+def keymap_for(unet) -> K.KeyMap:
+    """Key names for a live (or meta-device) UNet; peft wrapper modules are left out."""
+    paths = [n.removesuffix(".base_layer") for n, _ in unet.named_modules() if n and "lora_" not in n]
+    return K.KeyMap.for_unet(unet.config, paths)
+
+
+def _load(path: Path) -> tuple[dict, dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file {path} not found.")
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        raise LoraFileError(f"{path} is a pickle file, which can run code: unsupported, convert it to .safetensors.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise LoraFileError(f"{path} is not a readable .safetensors file ({exc}).") from exc
+
+
+def detect_format(tensors: dict) -> str:
+    names = list(tensors)
+    found = sorted({label for k in names for marker, label in UNSUPPORTED.items() if marker in k})
+    if found:
+        raise LoraFileError(f"unsupported LoRA type: {', '.join(found)}; loratool reads LoRA and LoCon only.")
+    if any(k.startswith("lora_te_") for k in names):
+        return "kohya-sd1"
+    if any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in names):
+        return "kohya"
+    if any(K.parse_diffusers_key(k) for k in names):
+        return "diffusers"
+    if any(k.startswith(UNET_ROOTS) and ".lora_A." in k for k in names):
+        return "peft"
+    return "unknown"
+
+
+def read_lora(path: Path, keymap: K.KeyMap) -> LoraNetwork:
+    """Any supported file → LoraNetwork (tensors as stored; alpha from the file, else rank = scale 1)."""
+    tensors, metadata = _load(path)
+    fmt = detect_format(tensors)
+    if fmt == "kohya-sd1":
+        raise LoraFileError(f"{path} is a Stable Diffusion 1.x/2.x LoRA (lora_te_ keys), not an SDXL LoRA.")
+    if fmt == "unknown":
+        sample = ", ".join(list(tensors)[:3])
+        raise LoraFileError(f"{path}: no LoRA keys loratool recognises (first keys: {sample}).")
+    network = _read_kohya(tensors, keymap, path) if fmt == "kohya" else _read_diffusers(tensors, metadata, fmt, path)
+    network.metadata, network.source_format = metadata, fmt
+    if not len(network):
+        raise LoraFileError(f"{path} holds no LoRA modules.")
+    return network
+
+
+def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
+    groups: dict[str, dict] = defaultdict(dict)
+    stray = []
+    for key, value in tensors.items():
+        m = KOHYA_SUFFIX.match(key)
+        if m:
+            groups[m.group(1)][m.group(2)] = value
+        else:
+            stray.append(key)
+    lookup = keymap.kohya_lookup()
+    unknown = [name for name in groups if keymap.resolve_kohya(name, lookup) is None]
+    _fail_unknown(path, stray + unknown)
+    network = LoraNetwork()
+    for name, parts in groups.items():
+        component, module = keymap.resolve_kohya(name, lookup)
+        down, up = _pair(parts.get("lora_down.weight"), parts.get("lora_up.weight"), name, path)
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        network.add(LoraModule(component, module, down, up, alpha))
+    return network
+
+
+def _read_diffusers(tensors: dict, metadata: dict[str, str], fmt: str, path: Path) -> LoraNetwork:
+    groups: dict[tuple[str, str], dict] = defaultdict(dict)
+    stray = []
+    for key, value in tensors.items():
+        parsed = K.parse_diffusers_key(key if fmt == "diffusers" else "unet." + key)
+        if parsed:
+            groups[parsed[:2]][parsed[2]] = value
+        elif key.endswith(".alpha") and fmt == "diffusers":
+            groups[_alpha_owner(key)]["alpha"] = value
+        else:
+            stray.append(key)
+    _fail_unknown(path, stray)
+    alphas = _adapter_alphas(metadata)
+    network = LoraNetwork()
+    for (component, module), parts in groups.items():
+        down, up = _pair(parts.get("lora_A"), parts.get("lora_B"), module, path)
+        alpha = parts["alpha"].item() if "alpha" in parts else alphas(component, module, down.shape[0])
+        network.add(LoraModule(component, module, down, up, float(alpha)))
+    return network
+
+
+def _alpha_owner(key: str) -> tuple[str, str]:
+    for component, prefix in K.DIFFUSERS_PREFIX.items():
+        if key.startswith(prefix):
+            return component, key[len(prefix) : -len(".alpha")]
+    return ("?", key)
+
+
+def _adapter_alphas(metadata: dict[str, str]):
+    """lora_alpha per component from diffusers' `lora_adapter_metadata` (peft LoraConfig, prefixed)."""
+    raw = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+
+    def alpha(component: str, path: str, rank: int) -> float:
+        prefix = K.DIFFUSERS_PREFIX[component].rstrip(".")
+        pattern = raw.get(f"{prefix}.alpha_pattern") or {}
+        short = path.removeprefix("text_model.")
+        for key, value in pattern.items():
+            if short == key or short.endswith("." + key):
+                return float(value)
+        return float(raw.get(f"{prefix}.lora_alpha", rank))  # no alpha anywhere: scale 1
+
+    return alpha
+
+
+def _pair(down, up, name: str, path: Path):
+    if down is None or up is None:
+        raise LoraFileError(f"{path}: module {name} has only one of its two LoRA factors.")
+    if down.shape[0] != up.shape[1]:
+        raise LoraFileError(f"{path}: module {name} has rank {down.shape[0]} down but {up.shape[1]} up.")
+    return down, up
+
+
+def _fail_unknown(path: Path, names: list[str]) -> None:
+    if names:
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise LoraFileError(
+            f"{path}: {len(names)} keys do not name a module of this model "
+            f"({', '.join(sorted(names)[:5])}{more}); is it a LoRA for another base model?"
+        )
+
+
+def check_fits(network: LoraNetwork, shapes: dict[tuple[str, str], tuple[int, ...]], source: str) -> None:
+    """Every module exists in the model and its factors match the layer's weight shape."""
+    for m in network:
+        want = shapes.get(m.key)
+        if want is None:
+            raise LoraFileError(f"{source}: module {m.component}:{m.path} does not exist in this model.")
+        got = (m.up.shape[0], *m.down.shape[1:])
+        if tuple(got) != tuple(want):
+            raise LoraFileError(
+                f"{source}: module {m.component}:{m.path} is {'×'.join(map(str, got))} but the model's layer is "
+                f"{'×'.join(map(str, want))}: this LoRA was made for another base model."
+            )
+
+
+def standard_metadata(network: LoraNetwork, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The ss_* keys kohya-aware tools read, plus loratool's own."""
+    ranks, alphas = network.ranks(), network.alphas()
+    conv = any(m.is_conv for m in network)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": _num(alphas[0]) if len(alphas) == 1 else "Dynamic",
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "loratool_version": __version__,
+    }
+    if conv:
+        conv_ranks = sorted({m.rank for m in network if m.is_conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_ranks[-1])})
+    return meta | (extra or {})
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def write_lora(
+    network: LoraNetwork,
+    path: Path,
+    *,
+    keymap: K.KeyMap,
+    fmt: str = "kohya",
+    metadata: dict[str, str] | None = None,
+    force: bool = False,
+    dtype=None,
+) -> None:
+    """Write atomically in kohya (SGM names + .alpha) or diffusers (lora_A/B + adapter metadata) layout."""
+    from safetensors.torch import save_file
+
+    from loratool.files import atomic_path
+
+    if fmt not in ("kohya", "diffusers"):
+        raise LoraFileError(f"--format must be kohya or diffusers, not {fmt!r}.")
+    cast = (lambda t: t.to(dtype).contiguous()) if dtype is not None else (lambda t: t.contiguous())
+    tensors = _kohya_tensors(network, keymap, cast) if fmt == "kohya" else _diffusers_tensors(network, cast)
+    meta = standard_metadata(network, metadata) | {"ss_output_name": Path(path).stem, "loratool_format": fmt}
+    if fmt == "diffusers":
+        meta["lora_adapter_metadata"] = _adapter_metadata(network)
+    with atomic_path(Path(path), force=force) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _kohya_tensors(network: LoraNetwork, keymap: K.KeyMap, cast) -> dict:
+    import torch
+
+    out = {}
+    for m in network:
+        name = keymap.kohya_name(m.component, m.path)
+        out[f"{name}.lora_down.weight"] = cast(m.down)
+        out[f"{name}.lora_up.weight"] = cast(m.up)
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out
+
+
+def _diffusers_tensors(network: LoraNetwork, cast) -> dict:
+    out = {}
+    for m in network:
+        out[K.diffusers_key(m.component, m.path, "lora_A")] = cast(m.down)
+        out[K.diffusers_key(m.component, m.path, "lora_B")] = cast(m.up)
+    return out
+
+
+def _adapter_metadata(network: LoraNetwork) -> str:
+    """diffusers' `lora_adapter_metadata`: one peft LoraConfig per component, keys prefixed by component."""
+    from loratool.lora.apply import peft_config
+
+    packed = {}
+    for component, prefix in K.DIFFUSERS_PREFIX.items():
+        modules = [m for m in network if m.component == component]
+        if not modules:
+            continue
+        config = peft_config(modules)
+        fields = {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(config.target_modules),
+            "rank_pattern": config.rank_pattern,
+            "alpha_pattern": config.alpha_pattern,
+        }
+        packed |= {f"{prefix.rstrip('.')}.{k}": v for k, v in fields.items()}
+    return json.dumps(packed, sort_keys=True)
