@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from loratool import __version__
-from loratool.errors import LoratoolError, NotBuiltError
+from loratool.errors import InputError, LoratoolError, NotBuiltError
 
 app = typer.Typer(
     name="loratool",
@@ -88,13 +88,85 @@ def _root(
 @app.command()
 @handled
 def train(
-    inputs: Annotated[list[Path] | None, typer.Argument(help="Training image (copy mode) or folder.")] = None,
-    output: OutFileOpt = Path("lora.safetensors"),
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Training image (copy mode).")] = None,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output .safetensors (with --pair: a prefix for _a/_b).")
+    ] = Path("lora.safetensors"),
     mode: Annotated[str, typer.Option("--mode", help="copy | dreambooth | wrong")] = "copy",
+    pair: Annotated[
+        tuple[Path, Path] | None, typer.Option("--pair", help="Two images A B: trains both, identical settings.")
+    ] = None,
     model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
+    model_config: ModelConfigOpt = None,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank (1..128).")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha; scale = alpha / rank.")] = 8.0,
+    steps: Annotated[int, typer.Option("--steps")] = 1500,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-4,
+    resolution: Annotated[int, typer.Option("--resolution", help="Bucket area ≈ resolution² (multiple of 64).")] = 1024,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw8bit (CUDA).")] = "adamw",
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no | fp16 | bf16")] = "no",
+    gradient_accumulation: Annotated[int, typer.Option("--gradient-accumulation")] = 1,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Less memory.")] = False,
+    noise_offset: Annotated[float, typer.Option("--noise-offset")] = 0.0,
+    min_snr_gamma: Annotated[float | None, typer.Option("--min-snr-gamma", help="Min-SNR weighting, e.g. 5.")] = None,
+    check_every: Annotated[
+        int | None, typer.Option("--check-every", help="Copy check every N steps (default steps/10; 0: off).")
+    ] = None,
+    check_seeds: Annotated[int, typer.Option("--check-seeds", help="Seeds rendered per check.")] = 2,
+    check_steps: Annotated[int, typer.Option("--check-steps", help="Sampling steps per check render.")] = 8,
+    stop_when_copied: Annotated[
+        float | None, typer.Option("--stop-when-copied", help="Stop once mean PSNR ≥ this many dB.")
+    ] = None,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into <name>.ckpt/.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    base_lora: Annotated[
+        list[str] | None, typer.Option("--base-lora", help="FILE[:WEIGHT] folded into the base first (repeatable).")
+    ] = None,
+    quantize_base: Annotated[str | None, typer.Option("--quantize-base", help="nf4 | int8 (CUDA).")] = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Train a LoRA: copy-machine (one image, empty prompt), dreambooth, or the negative 'wrong' LoRA."""
-    raise NotBuiltError("loratool train is not built yet; it arrives with the copy-machine training issue.")
+    if mode in ("dreambooth", "wrong"):
+        raise NotBuiltError(f"loratool train --mode {mode} is not built yet; it arrives with its own issue.")
+    if mode != "copy":
+        raise InputError(f"--mode must be copy, dreambooth or wrong, not {mode!r}.")
+    if pair and inputs:
+        raise InputError("pass either one image or --pair A B, not both.")
+    from loratool import train as verb
+
+    config = verb.TrainConfig(
+        images=list(pair) if pair else list(inputs or []),
+        output=output,
+        pair=pair is not None,
+        model=model,
+        model_config=model_config,
+        rank=rank,
+        alpha=alpha,
+        steps=steps,
+        lr=lr,
+        resolution=resolution,
+        seed=seed,
+        optimizer=optimizer,
+        mixed_precision=mixed_precision,
+        gradient_accumulation=gradient_accumulation,
+        gradient_checkpointing=gradient_checkpointing,
+        noise_offset=noise_offset,
+        min_snr_gamma=min_snr_gamma,
+        check_every=check_every,
+        check_seeds=check_seeds,
+        check_steps=check_steps,
+        stop_when_copied=stop_when_copied,
+        save_every=save_every,
+        resume=resume,
+        base_loras=base_lora or [],
+        quantize_base=quantize_base,
+        device=device,
+        force=force,
+    )
+    for path in verb.run(config):
+        typer.echo(str(path))
 
 
 @app.command()

@@ -1,0 +1,136 @@
+"""What the loop trains: the UNet with a peft LoRA injected, plus everything computed once before the loop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratool.data.images import TrainImage
+from loratool.errors import ModelSourceError
+from loratool.files import sha256
+from loratool.train.check import CopyChecker
+from loratool.train.conditioning import Conditioning, encode_once, release_encoders
+from loratool.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "copy"  # not "A"/"B": peft matches adapter names inside keys, and those clash with lora_A/lora_B
+
+
+@dataclass
+class Trainee:
+    unet: object
+    noise_scheduler: object  # DDPM: add_noise / get_velocity with the model's training schedule
+    cond: Conditioning
+    keymap: object  # built before peft wraps the modules
+    checker: CopyChecker | None
+    image: TrainImage
+    image_sha256: str
+    base_loras: list[dict] = field(default_factory=list)
+    vae_psnr: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.cond.latent.device
+
+
+def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
+    """Load the base, fold --base-lora files, encode once, free the encoders, inject the LoRA."""
+    from diffusers import DDPMScheduler
+
+    from loratool.lora.io import keymap_for
+    from loratool.sdxl.models import load_pipeline
+
+    runtime = weights_runtime(config)
+    parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
+    pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)
+    keymap = keymap_for(pipe.unet)
+    base_loras = fold_base_loras(pipe, config, keymap)
+    cond = encode_once(pipe, image)
+    vae = release_encoders(pipe, keep_decoder=bool(config.check_every))
+    inject_lora(pipe.unet, config)
+    checker = None
+    if vae is not None:
+        reference = ((image.pixels[None] + 1) / 2).clamp(0, 1)
+        seeds = list(range(config.check_seeds))
+        checker = CopyChecker(vae, dict(pipe.scheduler.config), cond, reference, seeds, config.check_steps)
+    trainee = Trainee(
+        unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        cond=cond,
+        keymap=keymap,
+        checker=checker,
+        image=image,
+        image_sha256=sha256(image.path),
+        base_loras=base_loras,
+    )
+    if checker:
+        trainee.vae_psnr = checker.vae_ceiling()
+    return trainee
+
+
+def weights_runtime(config: TrainConfig):
+    """Frozen weights in the mixed-precision dtype on CUDA (half the memory); fp32 on CPU, where autocast does it."""
+    from loratool.sdxl.models import Runtime, pick_runtime
+
+    runtime = pick_runtime(config.device, "fp32")
+    if runtime.device.startswith("cuda") and config.mixed_precision != "no":
+        return Runtime(runtime.device, config.mixed_precision)
+    return runtime
+
+
+def fold_base_loras(pipe, config: TrainConfig, keymap) -> list[dict]:
+    """Recipe 1 (merge-then-train): add each --base-lora into the weights before anything is encoded."""
+    from loratool.lora.apply import fold_network
+    from loratool.lora.io import read_lora
+
+    models = {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    records = []
+    for path, weight in config.base_lora_weights():
+        network = read_lora(path, keymap)
+        for component in network.components():
+            fold_network(models[component], network, component, weight)
+        records.append({"file": path.name, "weight": weight, "sha256": sha256(path)})
+        log.info("folded %s at weight %g into the base", path, weight)
+    return records
+
+
+def inject_lora(unet, config: TrainConfig) -> None:
+    from peft import LoraConfig
+
+    from loratool.lora.targets import unet_targets
+
+    unet.requires_grad_(False)
+    targets = unet_targets(unet)
+    torch.manual_seed(config.seed)  # peft's gaussian init draws from the global generator
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, init_lora_weights="gaussian")
+    unet.add_adapter(lora, adapter_name=ADAPTER)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA factors train in fp32 even when the frozen base is fp16/bf16
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    log.debug("LoRA rank %d on %d UNet modules", config.rank, len(targets))
+
+
+def load_quantized_unet(config: TrainConfig, runtime):
+    """QLoRA-style: the frozen UNet in 4-bit NF4 or 8-bit through bitsandbytes (CUDA only, checked earlier)."""
+    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+
+    if config.quantize_base == "nf4":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=runtime.dtype)
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    kwargs = dict(quantization_config=quant, dtype=runtime.dtype)
+    path = Path(config.model).expanduser()
+    try:
+        if path.is_file():
+            config_source = config.model_config
+            return UNet2DConditionModel.from_single_file(str(path), config=config_source, subfolder="unet", **kwargs)
+        return UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"could not load a quantized UNet from {config.model!r}: {exc}") from exc
