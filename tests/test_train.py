@@ -1,0 +1,233 @@
+"""Copy-machine training on the tiny SDXL: 64 px, rank 4, a few dozen steps."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from loratool.files import sha256
+from loratool.train import TrainConfig, run
+from loratool.train import loop as train_loop
+
+FAST = dict(resolution=64, rank=4, lr=1e-3, check_seeds=1, check_steps=4)
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handler():
+    """The CLI points the root logger at CliRunner's stderr, which is closed once the command returns."""
+    yield
+    logging.getLogger().handlers.clear()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    y, x = np.mgrid[0:80, 0:96]
+    array = np.stack([(x * 2) % 256, (y * 3) % 256, ((x + y) * 4) % 256], -1).astype(np.uint8)
+    array[20:50, 30:60] = (255, 0, 0)
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, image, tmp_path_factory):
+    """One CLI run of 30 steps, shared by the tests that read its outputs."""
+    from typer.testing import CliRunner
+
+    from loratool.cli import app
+
+    out = tmp_path_factory.mktemp("trained") / "copy.safetensors"
+    args = ["train", str(image), "--model", str(tiny_models / "base"), "-o", str(out), "--steps", "30"]
+    args += ["--resolution", "64", "--rank", "4", "--lr", "1e-3", "--check-every", "10"]
+    args += ["--check-seeds", "1", "--check-steps", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    return out, result.stdout
+
+
+def _config(tiny_models, image, out, **kw):
+    return TrainConfig(images=[image], model=str(tiny_models / "base"), output=out, **(FAST | kw))
+
+
+def test_thirty_steps_lower_the_fixed_eval_loss_and_write_report_and_preview(trained):
+    out, stdout = trained
+    report = json.loads(out.with_name("copy.report.json").read_text())
+    assert report["eval_loss"]["end"] < report["eval_loss"]["start"]
+    assert len(report["loss"]) == report["steps_done"] == 30
+    assert [c["step"] for c in report["copy_checks"]] == [0, 10, 20, 30]
+    assert report["image"]["original_size"] == [80, 96] and report["image"]["target_size"] == [64, 64]
+    assert report["timings"]["it_per_s"] > 0 and report["peak_memory"]["rss_peak_mb"] > 0
+    preview = Image.open(out.with_name("copy.preview.png"))
+    assert preview.size == (64 * 2, 64 * 4)  # training image + 1 seed, one row per check
+    assert stdout.split() == [str(out), str(out.with_name("copy.report.json")), str(out.with_name("copy.preview.png"))]
+
+
+def test_metadata_describes_the_lora(trained, image):
+    out, _ = trained
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["loratool_recipe"] == "copy" and meta["loratool_rank"] == "4" and meta["ss_network_dim"] == "4"
+    assert meta["loratool_image_sha256"] == sha256(image) and meta["loratool_steps"] == "30"
+    assert all(k.startswith("lora_unet_") for k in load_file(str(out)))
+
+
+def test_lora_loads_in_diffusers_and_matches_folding(trained, tiny_models, caplog):
+    from diffusers import StableDiffusionXLPipeline
+
+    from loratool.lora.apply import fold_network
+    from loratool.lora.io import keymap_for, read_lora
+
+    out, _ = trained
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "base")
+    folded = StableDiffusionXLPipeline.from_pretrained(tiny_models / "base").unet
+    network = read_lora(out, keymap_for(folded))
+    fold_network(folded, network, "unet", 1.0)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out))
+    # diffusers warns "...led to unexpected keys / missing keys..." when names do not match the model
+    assert "unexpected keys" not in caplog.text and "missing keys" not in caplog.text
+    injected = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert len(injected) == len(network) > 0
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = dict(
+        encoder_hidden_states=torch.randn(1, 77, 80),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 40), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])},
+    )
+    with torch.no_grad():
+        assert torch.allclose(pipe.unet(x, 500, **cond).sample, folded(x, 500, **cond).sample, atol=1e-5)
+
+
+def test_ctrl_c_writes_a_usable_lora_and_resume_matches_an_uninterrupted_run(
+    tiny_models, image, tmp_path, monkeypatch, cli
+):
+    from loratool.lora.io import keymap_for, read_lora
+
+    straight = tmp_path / "straight.safetensors"
+    run(_config(tiny_models, image, straight, steps=12, check_every=0))
+
+    real_step, calls = train_loop.train_step, []
+
+    def interrupt_at_seven(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "train_step", interrupt_at_seven)
+    stopped = tmp_path / "stopped.safetensors"
+    args = ["train", image, "--model", tiny_models / "base", "-o", stopped, "--steps", "12", "--save-every", "4"]
+    args += ["--resolution", "64", "--rank", "4", "--lr", "1e-3", "--check-every", "0"]
+    code, _, stderr = cli(*args)
+    assert code == 130 and stderr.strip().splitlines()[-1].startswith("loratool: error: interrupted at step 6")
+    with safe_open(str(stopped), "pt") as f:
+        assert f.metadata()["loratool_steps"] == "6"
+    assert len(read_lora(stopped, keymap_for(_unet(tiny_models)))) > 0  # a complete, readable file
+
+    monkeypatch.setattr(train_loop, "train_step", real_step)
+    code, _, stderr = cli(*args, "--resume")
+    assert code == 0, stderr
+    a, b = load_file(str(straight)), load_file(str(stopped))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def _unet(tiny_models):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_models / "base", subfolder="unet")
+
+
+def test_base_lora_changes_the_starting_unet_exactly_as_folding_would(trained, tiny_models, image):
+    from loratool.data.images import prepare
+    from loratool.lora.apply import model_path
+    from loratool.lora.io import keymap_for, read_lora
+    from loratool.train.model import load_trainee
+
+    out, _ = trained
+    fresh = _unet(tiny_models)
+    network = read_lora(out, keymap_for(fresh))
+    config = _config(tiny_models, image, out, steps=1, check_every=0, base_loras=[f"{out}:-0.5"])
+    trainee = load_trainee(config, prepare(image, 64))
+    assert trainee.base_loras[0]["weight"] == -0.5
+    for m in network:
+        path = model_path(fresh, "unet", m.path)
+        expected = fresh.get_submodule(path).weight - 0.5 * m.delta()
+        got = trainee.unet.get_submodule(path).base_layer.weight
+        assert torch.allclose(got, expected, atol=1e-6), path
+
+
+def test_pair_trains_both_images_and_stop_when_copied_stops_early(tiny_models, image, tmp_path, cli):
+    other = tmp_path / "b.png"
+    array = np.asarray(Image.open(image)).copy()
+    array[60:70, 10:20] = 0
+    Image.fromarray(array).save(other)
+    args = ["train", "--pair", image, other, "--model", tiny_models / "base", "-o", tmp_path / "slider"]
+    args += ["--steps", "6", "--resolution", "64", "--rank", "4", "--check-every", "2", "--check-seeds", "1"]
+    args += ["--check-steps", "2", "--stop-when-copied", "-100"]
+    code, stdout, stderr = cli(*args)
+    assert code == 0, stderr
+    for tag in ("a", "b"):
+        assert str(tmp_path / f"slider_{tag}.safetensors") in stdout
+        report = json.loads((tmp_path / f"slider_{tag}.report.json").read_text())
+        assert report["steps_done"] == 2 and report["stopped_early"]
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_models, image, tmp_path):
+    plain = _config(tiny_models, image, tmp_path / "p.safetensors", steps=3, check_every=0)
+    ckpt = _config(tiny_models, image, tmp_path / "c.safetensors", steps=3, check_every=0, gradient_checkpointing=True)
+    run(plain), run(ckpt)
+    losses = [json.loads((tmp_path / f"{n}.report.json").read_text())["loss"] for n in ("p", "c")]
+    assert np.allclose(losses[0], losses[1], atol=1e-5)
+
+
+def _bad_inputs(tmp_path, tiny_models, image):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 90)).save(small)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    model = ["--model", str(tiny_models / "base")]
+    return {
+        "missing image": [str(tmp_path / "nope.png"), *model],
+        "not an image": [str(text), *model],
+        "image under 64 px": [str(small), *model],
+        "unreadable model": [str(image), "--model", str(tmp_path / "no-model")],
+        "unwritable output": [str(image), *model, "-o", str(blocker / "x.safetensors")],
+        "rank out of range": [str(image), *model, "--rank", "0"],
+        "8-bit adam without CUDA": [str(image), *model, "--optimizer", "adamw8bit"],
+        "quantized base without CUDA": [str(image), *model, "--quantize-base", "nf4"],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing image",
+        "not an image",
+        "image under 64 px",
+        "unreadable model",
+        "unwritable output",
+        "rank out of range",
+        "8-bit adam without CUDA",
+        "quantized base without CUDA",
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1_with_nothing_written(case, tiny_models, image, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    args = _bad_inputs(tmp_path, tiny_models, image)[case]
+    out = [] if "-o" in args else ["-o", str(tmp_path / "out.safetensors")]
+    code, stdout, stderr = cli("train", *args, *out, "--steps", "2", "--resolution", "64")
+    assert code == 1, (case, stderr)
+    assert stderr.startswith("loratool: error:") and stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("*.report.json"))
+
+
+def test_other_modes_are_not_built_and_exit_2(cli, image):
+    code, _, stderr = cli("train", image, "--mode", "dreambooth")
+    assert code == 2 and "not built" in stderr
