@@ -38,15 +38,21 @@ class Trainee:
 
 
 def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
-    """Load the base, fold --base-lora files, encode once, free the encoders, inject the LoRA."""
-    from diffusers import DDPMScheduler
-
-    from loratool.lora.io import keymap_for
+    """Load the base (quantized on request), then prepare it for training."""
     from loratool.sdxl.models import load_pipeline
 
     runtime = weights_runtime(config)
     parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
     pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)
+    return trainee_from_pipeline(pipe, config, image)
+
+
+def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Trainee:
+    """Fold --base-lora files, encode once, free the encoders, inject the LoRA. Consumes `pipe`."""
+    from diffusers import DDPMScheduler
+
+    from loratool.lora.io import keymap_for
+
     keymap = keymap_for(pipe.unet)
     base_loras = fold_base_loras(pipe, config, keymap)
     cond = encode_once(pipe, image)
