@@ -44,9 +44,12 @@ def fold_into_base(config) -> Path:
     hashes = fold_loras(pipe, config.inputs)
     if config.dtype != "fp32":
         pipe.to(dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[config.dtype])
-    meta = {"loratool_recipe": json.dumps({"verb": "merge --into-base", "model": config.model,
-                                           "inputs": [[str(p), w] for p, w in config.inputs]}),
-            "loratool_inputs_sha256": json.dumps(hashes)}
+    meta = {
+        "loratool_recipe": json.dumps(
+            {"verb": "merge --into-base", "model": config.model, "inputs": [[str(p), w] for p, w in config.inputs]}
+        ),
+        "loratool_inputs_sha256": json.dumps(hashes),
+    }
     output = Path(config.output)
     if output.suffix == ".safetensors":
         save_single_file(pipe, output, metadata=meta)  # atomic itself

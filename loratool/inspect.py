@@ -13,12 +13,25 @@ class InspectConfig:
 
 
 def model_index(model: str | None):
-    """Key map and layer shapes of a model, from configs on the meta device (no weights loaded)."""
+    """Key map and layer shapes of a model, from configs on the meta device (no weights loaded).
+
+    Real SDXL base (model None) reads the shipped layer index instead: importing diffusers to build it
+    would cost more than the whole merge.
+    """
+    from loratool.lora.keys import KeyMap
+    from loratool.sdxl import reference
+
+    if model is None:
+        shapes = reference.load_base_index()
+        return KeyMap.for_unet(reference.BASE_UNET, [p for c, p in shapes if c == "unet"]), shapes
+    return index_of(*reference.meta_components(model))
+
+
+def index_of(unet, te1=None, te2=None):
+    """Key map and {(component, path): weight shape} of live or meta-device models."""
     from loratool.lora.apply import layer_shapes
     from loratool.lora.io import keymap_for
-    from loratool.sdxl.reference import meta_components
 
-    unet, te1, te2 = meta_components(model)
     shapes = layer_shapes(unet, "unet")
     for component, encoder in (("te1", te1), ("te2", te2)):
         if encoder is not None:

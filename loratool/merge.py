@@ -174,8 +174,9 @@ def run(config: MergeConfig) -> Path:
         return fold_into_base(config)
     keymap, shapes = model_index(config.model)
     network, rows, hashes = merge_networks(config, keymap, shapes)
-    write_lora(network, config.output, keymap=keymap, fmt=config.format, metadata=_recipe(config, hashes),
-               force=config.force)
+    write_lora(
+        network, config.output, keymap=keymap, fmt=config.format, metadata=_recipe(config, hashes), force=config.force
+    )
     log.info("%s", summarize(rows))
     if config.report:
         with atomic_path(Path(config.report), force=True) as tmp:

@@ -167,6 +167,15 @@ def test_real_sdxl_config_gives_722_kohya_modules():
     assert all(keymap.resolve_kohya(n, lookup)[1] in modules for n in names)
 
 
+def test_shipped_sdxl_index_matches_a_fresh_build():
+    from loratool.sdxl.reference import build_base_index, load_base_index
+
+    fresh = build_base_index()
+    shipped = load_base_index()
+    assert {(c, p): tuple(s) for c, layers in fresh.items() for p, s in layers.items()} == shipped
+    assert sum(1 for c, p in shipped if c == "te2") == 32 * 6 + 1  # bigG: 32 layers × 6 linears + projection
+
+
 def test_sgm_mapping_round_trips_every_unet_module(base):
     paths = K.UnetPaths.from_config(base.unet.config)
     names = [n for n, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]

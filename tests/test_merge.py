@@ -66,7 +66,9 @@ def test_slider_images_equal_two_adapters(cli, tiny_models, pair, tmp_path):
 
     root, a, b = pair
     _merge(cli, tiny_models, tmp_path / "s.safetensors", root / "a.safetensors:1", root / "b.safetensors:-1")
-    _merge(cli, tiny_models, tmp_path / "c.safetensors", root / "a.safetensors:1", root / "b.safetensors:-1", "--concat")
+    _merge(
+        cli, tiny_models, tmp_path / "c.safetensors", root / "a.safetensors:1", root / "b.safetensors:-1", "--concat"
+    )
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "base")
     pipe.set_progress_bar_config(disable=True)
     keymap = keymap_for(pipe.unet)
@@ -86,7 +88,9 @@ def test_slider_images_equal_two_adapters(cli, tiny_models, pair, tmp_path):
 def test_truncation_reports_error_and_energy(cli, tiny_models, pair, tmp_path):
     root, _, _ = pair
     out, report = tmp_path / "t.safetensors", tmp_path / "r.json"
-    _merge(cli, tiny_models, out, root / "a.safetensors:1", root / "b.safetensors:-1", "--rank", "2", "--report", report)
+    _merge(
+        cli, tiny_models, out, root / "a.safetensors:1", root / "b.safetensors:-1", "--rank", "2", "--report", report
+    )
     rows = json.loads(report.read_text())["modules"]
     assert all(r["rank"] <= 2 for r in rows)
     assert any(r["rel_error"] > 1e-3 for r in rows)
@@ -107,7 +111,9 @@ def test_self_cancelling_modules_are_dropped(cli, tiny_models, pair, base, tmp_p
     keymap = keymap_for(base.unet)
     part = LoraNetwork({k: m for i, (k, m) in enumerate(a.modules.items()) if i % 2})
     write_lora(part, tmp_path / "part.safetensors", keymap=keymap)
-    stderr = _merge(cli, tiny_models, tmp_path / "x.safetensors", root / "a.safetensors:1", tmp_path / "part.safetensors:-1")
+    stderr = _merge(
+        cli, tiny_models, tmp_path / "x.safetensors", root / "a.safetensors:1", tmp_path / "part.safetensors:-1"
+    )
     assert "dropped" in stderr
     merged = read_lora(tmp_path / "x.safetensors", keymap)
     assert merged.modules.keys() == a.modules.keys() - part.modules.keys()
@@ -118,8 +124,18 @@ def test_into_base_renders_like_loras_at_weights(cli, tiny_models, pair, base, t
     from diffusers import StableDiffusionXLPipeline
 
     root, a, b = pair
-    code, _, err = cli("merge", root / "a.safetensors:0.7", root / "b.safetensors:-0.5", "--into-base",
-                       "--model", tiny_models / "base", "-o", tmp_path / "merged", "--dtype", "fp32")
+    code, _, err = cli(
+        "merge",
+        root / "a.safetensors:0.7",
+        root / "b.safetensors:-0.5",
+        "--into-base",
+        "--model",
+        tiny_models / "base",
+        "-o",
+        tmp_path / "merged",
+        "--dtype",
+        "fp32",
+    )
     assert code == 0, err
     merged = StableDiffusionXLPipeline.from_pretrained(tmp_path / "merged")
     merged.set_progress_bar_config(disable=True)
@@ -164,8 +180,15 @@ def test_fp16_overflow_is_refused(cli, tiny_models, base, tmp_path):
         m.up = m.up * 1e5
         m.down = m.down * 1e5
     write_lora(net, tmp_path / "big.safetensors", keymap=keymap_for(base.unet))
-    code, _, err = cli("merge", tmp_path / "big.safetensors", tmp_path / "big.safetensors:0.5", "-o",
-                       tmp_path / "o.safetensors", "--model", tiny_models / "base")
+    code, _, err = cli(
+        "merge",
+        tmp_path / "big.safetensors",
+        tmp_path / "big.safetensors:0.5",
+        "-o",
+        tmp_path / "o.safetensors",
+        "--model",
+        tiny_models / "base",
+    )
     assert code == 1 and "overflows" in err and not (tmp_path / "o.safetensors").exists()
 
 

@@ -36,13 +36,16 @@ class Merged:
 def check_finite(name: str, *tensors: torch.Tensor) -> None:
     """Refuse NaN/inf: one bad factor would silently poison every merged direction through the QR."""
     for t in tensors:
-        if not bool(torch.isfinite(t).all()):
+        # One reduction instead of a boolean mask: amax propagates NaN and keeps inf.
+        if t.numel() and not math.isfinite(float(t.abs().amax())):
             raise ValueError(f"{name}: contains NaN or inf")
 
 
 def cast_checked(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast `t` to `dtype`, raising OverflowError if a finite value becomes inf (fp16 tops out at 65504)."""
     out = t.to(dtype)
+    if out.dtype == t.dtype or torch.finfo(dtype).max >= torch.finfo(t.dtype).max:
+        return out  # no narrower range, nothing can overflow (bf16 has fp32's range)
     if out.is_floating_point() and bool((torch.isinf(out) & torch.isfinite(t)).any()):
         peak = float(t[torch.isfinite(t)].abs().max())
         raise OverflowError(f"casting to {dtype} overflows: max |value| is {peak:.4g}")
