@@ -42,7 +42,7 @@ def _switch_at(adapters, weights: list[float], step: int, text: dict | None):
     return callback
 
 
-def render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept: int) -> dict:
+def render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept: int, output_type="pil") -> dict:
     """{(seed, scale): PIL image} for every swept scale, plus scale 0 (the metrics' reference)."""
     from loratool.sample import schedule
     from loratool.sdxl.render import embeddings, render, step_embeds
@@ -65,6 +65,7 @@ def render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept:
         on = lora_weights(adapters, swept, scale)
         gated = 0 < start and scale != 0.0
         plan = schedule(base, config)
+        plan.output_type = output_type
         if gated and start < n_base:
             text = step_embeds(embeds_for(on), prompt.cfg) if adapters.touches_text else None
             plan.callback = _switch_at(adapters, on, start, text)

@@ -54,6 +54,8 @@ class Adapters:
     """The LoRAs injected into a pipeline and the weights they currently have."""
 
     def __init__(self, pipe, loras: list[LoadedLora], fuse: bool = True):
+        import warnings
+
         from loratool.lora.apply import add_adapter
 
         self.pipe, self.loras, self.fuse = pipe, loras, fuse
@@ -63,7 +65,9 @@ class Adapters:
             for component, attr in COMPONENT_MODELS.items():
                 model = getattr(pipe, attr, None)
                 if model is not None and lora.network.components().get(component):
-                    add_adapter(model, lora.network, component, lora.adapter)
+                    with warnings.catch_warnings():  # several adapters in one model are what we want
+                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                        add_adapter(model, lora.network, component, lora.adapter)
                     parts.add(attr)
         self.components = sorted(parts)
         self.fused = False

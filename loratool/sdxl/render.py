@@ -99,6 +99,7 @@ class Schedule:
     height: int = 1024
     callback: object = None  # callback_on_step_end for the base (LoRA switches)
     callback_inputs: list[str] = field(default_factory=list)
+    output_type: str = "pil"  # "np" gives float images (tests compare renders before 8-bit rounding)
 
 
 def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds: dict, refiner_embeds: dict | None):
@@ -122,7 +123,7 @@ def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds:
             height=schedule.height,
             generator=generator,
             denoising_end=schedule.high_noise_frac if hand_off else None,
-            output_type="latent" if hand_off else "pil",
+            output_type="latent" if hand_off else schedule.output_type,
         ).images
         if not hand_off:
             return out[0]
@@ -132,6 +133,7 @@ def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds:
             image=out,
             denoising_start=schedule.high_noise_frac,
             generator=generator,
+            output_type=schedule.output_type,
         ).images[0]
 
 
