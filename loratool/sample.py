@@ -59,7 +59,7 @@ class SampleConfig:
     device: str | None = None
     cpu_offload: bool = False
     compile: bool = False
-    fuse: bool = True  # merge active LoRA weights into the layers (see benchmarks/sample.py)
+    switch: str = "fold"  # fold | fuse | adapters: how LoRA weights change (see benchmarks/sample.py)
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -229,7 +229,7 @@ def run(config: SampleConfig) -> list[Path]:
 
     swept = config.swept_index()
     loras = read_loras(base, [lora_spec(s) for s in config.loras], swept)  # a misfit fails before rendering
-    adapters = Adapters(base, loras, fuse=config.fuse)
+    adapters = Adapters(base, loras, mode=config.switch)
     _compile(base, config)
     images = render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept)
     return write_sweep(config, outputs, images, [x.record(i == swept) for i, x in enumerate(loras)], base)

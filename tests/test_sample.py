@@ -46,7 +46,7 @@ def _sweep(tiny, loras: list[str], scales, **kw):
     )
     base, _ = sample._load(config, pick_runtime("cpu"))
     swept = config.swept_index()
-    adapters = Adapters(base, read_loras(base, [lora_spec(s) for s in loras], swept), fuse=config.fuse)
+    adapters = Adapters(base, read_loras(base, [lora_spec(s) for s in loras], swept), mode=config.switch)
     return render_sweep(base, None, config, adapters, sample._prompt(config), None, swept, output_type="np")
 
 
@@ -60,7 +60,7 @@ def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0):
     pipe.set_progress_bar_config(disable=True)
     if files_weights:
         loaded = read_loras(pipe, [(f, 1.0) for f, _ in files_weights], swept=0)
-        Adapters(pipe, loaded, fuse=False).set([w for _, w in files_weights])
+        Adapters(pipe, loaded, mode="adapters").set([w for _, w in files_weights])
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(PROMPT, negative_prompt="", num_inference_steps=4, generator=generator, output_type="np").images[0]
 
@@ -75,10 +75,12 @@ def test_scale_zero_is_the_plain_model_and_scale_s_is_the_adapter_at_s(tiny_mode
     assert np.abs(images[(0, 0.5)] - direct).max() <= 1e-4
 
 
-def test_unfused_adapters_give_the_same_images(tiny_models, loras):
-    unfused = _sweep(tiny_models, [str(loras / "a.safetensors")], [0.5], fuse=False)
+def test_unfused_and_fused_adapters_give_the_same_images(tiny_models, loras):
+    unfused = _sweep(tiny_models, [str(loras / "a.safetensors")], [0.5], switch="adapters")
+    fused = _sweep(tiny_models, [str(loras / "a.safetensors")], [0.5], switch="fuse")
     direct = _direct(tiny_models, [(loras / "a.safetensors", 0.5)])
     assert np.abs(unfused[(0, 0.5)] - direct).max() <= 1e-4
+    assert np.abs(fused[(0, 0.5)] - direct).max() <= 1e-4
 
 
 def test_two_adapters_opposite_weights(tiny_models, loras):
