@@ -174,15 +174,36 @@ def train(
 def sample(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("samples"),
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt for both text encoders.")] = "",
+    prompt_2: Annotated[str | None, typer.Option("--prompt-2", help="Prompt for text encoder 2 only.")] = None,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    negative_prompt_2: Annotated[str | None, typer.Option("--negative-prompt-2")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (rows of the sheet).")] = None,
     steps: Annotated[int, typer.Option("--steps")] = 30,
     guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
     width: Annotated[int | None, typer.Option("--width", help="Default: the model's native size.")] = None,
     height: Annotated[int | None, typer.Option("--height")] = None,
-    high_noise_frac: Annotated[float, typer.Option("--high-noise-frac", help="Base's share of the steps.")] = 0.8,
+    original_size: Annotated[str | None, typer.Option("--original-size", help="Micro-conditioning WxH.")] = None,
+    crop: Annotated[str, typer.Option("--crop", help="Micro-conditioning crop X,Y (left,top).")] = "0,0",
+    target_size: Annotated[str | None, typer.Option("--target-size", help="Micro-conditioning WxH.")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="euler | euler-a | dpm++2m | ddim.")] = None,
+    high_noise_frac: Annotated[
+        float | None, typer.Option("--high-noise-frac", help="Base's share of the schedule (default 0.8).")
+    ] = None,
+    refiner_frac: Annotated[
+        float | None,
+        typer.Option("--refiner-frac", help="Refiner runs only the last F of the schedule, the base the rest."),
+    ] = None,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="LoRA FILE[:WEIGHT] (repeatable).")] = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="The --lora FILE to sweep (with several).")] = None,
+    slider: Annotated[
+        str | None, typer.Option("--slider", help="Scale range A..B for the swept LoRA (default -1..1).")
+    ] = None,
+    points: Annotated[int, typer.Option("--points", help="Evenly spaced scales in --slider (0 added).")] = 5,
+    values: Annotated[str | None, typer.Option("--values", help="Explicit scales v1,v2,… (not --slider).")] = None,
+    lora_start: Annotated[
+        float, typer.Option("--lora-start", help="Swept LoRA off for this fraction of the base steps.")
+    ] = 0.0,
     model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
     model_config: ModelConfigOpt = None,
     refiner: RefinerOpt = "stabilityai/stable-diffusion-xl-refiner-1.0",
@@ -190,23 +211,35 @@ def sample(
     vae: VaeOpt = None,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = None,
+    cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Model CPU offload (CUDA only).")] = False,
+    compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA only).")] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Render images through SDXL base + refiner (slider sweeps arrive with the sample issue)."""
+    """Render through SDXL base + refiner; with --lora, sweep one LoRA's scale (sheet, animation, sweep.json)."""
     from loratool import sample as verb
+    from loratool import sweep as scales
 
-    if lora:
-        raise NotBuiltError("sample --lora is not built yet; it arrives with the slider-sweep issue.")
     config = verb.SampleConfig(
         output=output,
         prompt=prompt,
+        prompt_2=prompt_2,
         negative_prompt=negative_prompt,
+        negative_prompt_2=negative_prompt_2,
         seeds=verb.parse_seeds(seeds) if seeds else [seed],
         steps=steps,
         guidance=guidance,
         width=width,
         height=height,
+        original_size=verb.parse_pair(original_size, "--original-size", "x"),
+        crop=verb.parse_pair(crop, "--crop", ","),
+        target_size=verb.parse_pair(target_size, "--target-size", "x"),
+        scheduler=scheduler,
         high_noise_frac=high_noise_frac,
+        refiner_frac=refiner_frac,
+        loras=lora or [],
+        sweep=sweep,
+        scales=scales.requested(slider, points, values),
+        lora_start=lora_start,
         model=model,
         model_config=model_config,
         refiner=refiner,
@@ -214,6 +247,8 @@ def sample(
         vae=vae,
         precision=precision,
         device=device,
+        cpu_offload=cpu_offload,
+        compile=compile_unet,
         force=force,
     )
     for path in verb.run(config):

@@ -1,0 +1,145 @@
+"""One SDXL image through base + refiner, from prompt embeddings computed once (ensemble-of-experts hand-off).
+
+The base denoises the first `high_noise_frac` of the schedule and hands latents to the refiner, which
+finishes the rest. The refiner never carries a LoRA: its embeddings are encoded before any is injected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loratool.errors import InputError
+
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
+
+
+def check_scheduler(name: str | None) -> None:
+    if name is not None and name not in SCHEDULERS:
+        raise InputError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}.")
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Same schedule settings (betas, spacing), another solver: `from_config` of the pipeline's scheduler."""
+    if name is None or pipe is None:
+        return
+    import diffusers
+
+    check_scheduler(name)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+@dataclass
+class Prompt:
+    """The text and the micro-conditioning, as the pipelines want them (sizes as (height, width))."""
+
+    prompt: str = ""
+    prompt_2: str | None = None
+    negative: str = ""
+    negative_2: str | None = None
+    guidance: float = 5.0
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0
+
+    def conditioning(self) -> dict:
+        return dict(
+            original_size=self.original_size,
+            crops_coords_top_left=self.crops_coords_top_left,
+            target_size=self.target_size,
+        )
+
+
+def embeddings(pipe, prompt: Prompt) -> dict:
+    """encode_prompt once; the result replaces the strings in every later call (any seed, any scale)."""
+    import torch
+
+    with torch.no_grad():
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            prompt=prompt.prompt,
+            prompt_2=prompt.prompt_2,
+            negative_prompt=prompt.negative,
+            negative_prompt_2=prompt.negative_2,
+            device=pipe._execution_device,
+            do_classifier_free_guidance=prompt.cfg,
+        )
+    return dict(
+        prompt_embeds=pe,
+        negative_prompt_embeds=npe,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=npooled,
+    )
+
+
+def step_embeds(embeds: dict, cfg: bool) -> dict:
+    """The tensors the base pipeline holds during its loop (negative first under CFG), for a mid-run swap."""
+    import torch
+
+    if not cfg:
+        return {"prompt_embeds": embeds["prompt_embeds"], "add_text_embeds": embeds["pooled_prompt_embeds"]}
+    return {
+        "prompt_embeds": torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]]),
+        "add_text_embeds": torch.cat([embeds["negative_pooled_prompt_embeds"], embeds["pooled_prompt_embeds"]]),
+    }
+
+
+@dataclass
+class Schedule:
+    steps: int = 30
+    high_noise_frac: float = 0.8
+    width: int = 1024
+    height: int = 1024
+    callback: object = None  # callback_on_step_end for the base (LoRA switches)
+    callback_inputs: list[str] = field(default_factory=list)
+    output_type: str = "pil"  # "np" gives float images (tests compare renders before 8-bit rounding)
+
+
+def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds: dict, refiner_embeds: dict | None):
+    """One PIL image for one seed: base to high_noise_frac, then the refiner (if any) finishes."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    common = dict(num_inference_steps=schedule.steps, guidance_scale=prompt.guidance, **prompt.conditioning())
+    hand_off = refiner is not None and schedule.high_noise_frac < 1.0
+    extra = {}
+    if schedule.callback is not None:
+        extra = dict(
+            callback_on_step_end=schedule.callback, callback_on_step_end_tensor_inputs=schedule.callback_inputs
+        )
+    with torch.no_grad():
+        out = base(
+            **embeds,
+            **common,
+            **extra,
+            width=schedule.width,
+            height=schedule.height,
+            generator=generator,
+            denoising_end=schedule.high_noise_frac if hand_off else None,
+            output_type="latent" if hand_off else schedule.output_type,
+        ).images
+        if not hand_off:
+            return out[0]
+        return refiner(
+            **refiner_embeds,
+            **common,
+            image=out,
+            denoising_start=schedule.high_noise_frac,
+            generator=generator,
+            output_type=schedule.output_type,
+        ).images[0]
+
+
+def base_steps(steps: int, high_noise_frac: float, timesteps: list[int], train_steps: int = 1000) -> int:
+    """How many of the schedule's steps the base runs before the hand-off (diffusers' own cut-off rule)."""
+    if high_noise_frac >= 1.0:
+        return steps
+    cutoff = int(round(train_steps - high_noise_frac * train_steps))
+    return sum(1 for t in timesteps if t >= cutoff)
