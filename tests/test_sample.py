@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_lora_files import random_network
+from tests.test_lora_files import random_network
 
 from loratool.sweep import lora_spec, scale_labels, slider_scales, spearman, value_scales
 
