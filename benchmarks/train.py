@@ -134,6 +134,14 @@ def child(args) -> None:
         gradient_checkpointing="ckpt" in args.variant,
         optimizer="adamw8bit" if "8bit" in args.variant else "adamw",
     )
+    import accelerate  # noqa: F401  libraries first: their import is not training memory
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+
+    import loratool.train.loop  # noqa: F401
+    import loratool.train.model  # noqa: F401
+
+    before_mb = _rss_now_mb()  # what training adds is measured above this
     pipe = build_pipeline(args.full)
     if args.full:
         torch.cuda.reset_peak_memory_stats()
@@ -141,6 +149,7 @@ def child(args) -> None:
     rate = loop(args, config, pipe, prepare(image_path, size))
     out = {"variant": args.variant, "it_per_s": round(rate, 3)}
     out["rss_peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["rss_training_mb"] = round(out["rss_peak_mb"] - before_mb, 1)
     if args.full:
         out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(json.dumps(out))
@@ -165,7 +174,7 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    memory = "cuda_max_allocated_mb" if args.full else "rss_peak_mb"
+    memory = "cuda_max_allocated_mb" if args.full else "rss_training_mb"
     base, mine = results["straightforward"], results["ours"]
     print(
         json.dumps(
@@ -179,6 +188,13 @@ def main() -> None:
             }
         )
     )
+
+
+def _rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _root() -> str:
