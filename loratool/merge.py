@@ -106,9 +106,9 @@ def merge_module(key, group, config: MergeConfig):
     row = {"module": f"{key[0]}:{key[1]}", "inputs": len(group), "rank_in": sum(m.rank for _, m, _ in group)}
     if not config.svd:
         up, down, alpha = ops.concat_exact(factors)
-        return LoraModule(key[0], key[1], down, up, alpha), row | {"rank": int(down.shape[0]), "rel_error": 0.0}
+        return LoraModule(key[0], key[1], down, up, alpha), row | {"rank": int(down.shape[0])}
     merged = ops.merge_exact(factors, rank=config.rank, sv_fro=config.sv_fro, sv_ratio=config.sv_ratio, dtype=compute)
-    row |= {"rank": merged.rank, "retained_energy": merged.retained_energy, "rel_error": merged.rel_error}
+    row |= {"rank": merged.rank, "retained_energy": merged.retained_energy, "truncation_error": merged.rel_error}
     if merged.is_zero:
         return None, row | {"dropped": "zero"}
     alpha = float(config.alpha) if config.alpha is not None else float(merged.rank)
@@ -129,6 +129,7 @@ def merge_networks(config: MergeConfig, keymap, shapes):
     """All inputs → one LoraNetwork, the report rows and the input hashes."""
     import torch
 
+    from loratool.lora import ops
     from loratool.lora.network import LoraNetwork
 
     terms, hashes = _gather(config, keymap, shapes)
@@ -139,6 +140,9 @@ def merge_networks(config: MergeConfig, keymap, shapes):
         rows.append(row)
         if module is not None:
             _cast(module, dtype, row["module"])
+            # Measured on what is written (after the dtype cast), against the exact weighted sum.
+            exact = [(w, m.up, m.down, float(m.alpha)) for w, m, _ in terms[key]]
+            row["rel_error"] = ops.factored_rel_error(exact, module.up, module.down, module.scale)
             network.add(module)
     if not len(network):
         raise LoraFileError("every merged module is zero (did you merge a LoRA with itself at +1 and −1?).")

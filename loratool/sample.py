@@ -236,14 +236,8 @@ def run(config: SampleConfig) -> list[Path]:
 
 
 def _load(config: SampleConfig, runtime):
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     from loratool.sdxl.models import load_models
     from loratool.sdxl.render import set_scheduler
-
-    diffusers_logging.disable_progress_bar()  # stderr keeps to our progress and the one-line errors
-    transformers_logging.disable_progress_bar()
 
     base, refiner = load_models(
         config.model,

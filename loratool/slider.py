@@ -107,7 +107,8 @@ def write_sweep(config, outputs, images: dict, loras: list[dict], base) -> list[
     labels = scale_labels(config.scales)
     grid = [[images[(seed, s)] for s in config.scales] for seed in config.seeds]
     swept = next(x for x in loras if x["swept"])
-    title = f"{swept['name']} × scale — {config.prompt}"[:80]
+    # ASCII only: Pillow's bundled font has no glyphs for × or —.
+    title = (f"{swept['name']}: scale" + (f' | "{config.prompt}"' if config.prompt else ""))[:80]
     sheet = contact_sheet(grid, [f"{x}" for x in labels], [f"seed {s}" for s in config.seeds], title)
     save_sheet(sheet, outputs.sheet, config.force)
     for seed, path in outputs.animations.items():

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loratool.lora import ops
 from loratool.lora.network import LoraModule
 from loratool.lora.ops import (
     cast_checked,
@@ -243,3 +244,19 @@ def test_cast_checked_catches_fp16_overflow():
     assert torch.isinf(cast_checked(torch.tensor([float("inf")]), torch.float16)).all()
     with pytest.raises(OverflowError):
         merge_exact([(1.0, torch.full((2, 1), 1e3), torch.full((1, 2), 1e3), 1e5)], dtype=torch.float16)
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_factored_rel_error_matches_dense(seed):
+    g = torch.Generator().manual_seed(seed)
+    terms = [
+        (1.0, torch.randn(12, 3, generator=g), torch.randn(3, 9, generator=g), 2.0),
+        (-0.5, torch.randn(12, 2, generator=g), torch.randn(2, 9, generator=g), 2.0),
+    ]
+    up, down = torch.randn(12, 2, generator=g), torch.randn(2, 9, generator=g)
+    exact = ops.dense_delta(terms, dtype=torch.float64)
+    want = float((exact - 0.7 * up.double() @ down.double()).norm() / exact.norm())
+    assert abs(ops.factored_rel_error(terms, up, down, 0.7) - want) <= 1e-9
+    merged = ops.merge_exact(terms)
+    assert ops.factored_rel_error(terms, merged.up, merged.down, 1.0) <= 1e-5

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.test_lora_files import random_network
 
 from loratool.sweep import lora_spec, scale_labels, slider_scales, spearman, value_scales
+from tests.test_lora_files import random_network
 
 PROMPT = "a red circle"
 

@@ -214,3 +214,17 @@ def dense_svd_merge(terms: Sequence[Term], rank: int) -> tuple[torch.Tensor, tor
     k = min(rank, *delta.shape)
     root = s[:k].sqrt()
     return _shape(u[:, :k] * root, root[:, None] * vh[:k], tail)
+
+
+def factored_rel_error(terms: Sequence[Term], up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
+    """‖Σ wᵢsᵢ upᵢ downᵢ − scale·up·down‖_F / ‖Σ wᵢsᵢ upᵢ downᵢ‖_F without the dense matrices.
+
+    With A = [U | −scale·up] and B = [D; down], ‖A B‖² = Σ (AᵀA ∘ BBᵀ): small Gram matrices only, in
+    float64 so the subtraction of nearly equal norms still resolves errors down to ~1e-8 relative.
+    """
+    exact_u, exact_d, _ = _stack(terms, torch.float64)
+    a = torch.cat([exact_u, -scale * up.flatten(1).double()], dim=1)
+    b = torch.cat([exact_d, down.flatten(1).double()], dim=0)
+    diff = float((a.T @ a * (b @ b.T)).sum().clamp_min(0))
+    norm = float(((exact_u.T @ exact_u) * (exact_d @ exact_d.T)).sum().clamp_min(0))
+    return math.sqrt(diff / norm) if norm > 0 else 0.0

@@ -98,7 +98,11 @@ def _offline() -> bool:
 def load_pipeline(source: str, runtime: Runtime, *, refiner: bool = False, config: str | None = None, **parts):
     """Load an SDXL base (or refiner) pipeline from `source`; `parts` replace components (shared ones)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # stderr keeps to our own progress and one-line errors
+    transformers_logging.disable_progress_bar()
     cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
     what = "refiner" if refiner else "model"
     source = resolve_alias(source)
