@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from loratool.train import DreamboothConfig
+from loratool.train import DreamboothConfig, run
 from loratool.train.batch import Example, Pool
 from loratool.train.loss import prior_preservation_loss
 
@@ -183,3 +183,32 @@ def test_bad_input_is_one_line_naming_the_culprit_and_exit_1(case, tiny_models, 
     assert code == 1, (case, stderr)
     assert stderr.startswith("loratool: error:") and stderr.strip().count("\n") == 0 and culprit in stderr
     assert not out.exists()
+
+
+def test_two_processes_train_what_one_process_trains(tiny_models, photos, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`: each process takes half of every batch (DDP)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:  # a free port: other test runs may share this machine
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one_process = tmp_path / "one.safetensors"
+    run(_config(tiny_models, one_process, images=[photos], prompt="a photo of sks dog", steps=3, batch_size=2))
+    out = tmp_path / "two.safetensors"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", port, "-m", "loratool"]
+    args = [str(a) for a in _db_args(tiny_models, photos, out, "--batch-size", "2")]
+    done = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(out), str(out.with_name("two.report.json"))]  # the main process writes
+    one, two = load_file(str(one_process)), load_file(str(out))
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert any(one[k].abs().sum() > 0 for k in one if "lora_up" in k)  # trained: not two identical inits
