@@ -88,7 +88,9 @@ def _root(
 @app.command()
 @handled
 def train(
-    inputs: Annotated[list[Path] | None, typer.Argument(help="Training image (copy mode).")] = None,
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help="Training image (copy mode) or folder of images (dreambooth).")
+    ] = None,
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Output .safetensors (with --pair: a prefix for _a/_b).")
     ] = Path("lora.safetensors"),
@@ -126,17 +128,55 @@ def train(
     quantize_base: Annotated[str | None, typer.Option("--quantize-base", help="nf4 | int8 (CUDA).")] = None,
     device: DeviceOpt = None,
     force: ForceOpt = False,
+    prompt: Annotated[str, typer.Option("--prompt", help="Dreambooth instance prompt (.txt captions win).")] = "",
+    class_prompt: Annotated[
+        str | None, typer.Option("--class-prompt", help="Dreambooth prior preservation: the class, e.g. 'a dog'.")
+    ] = None,
+    class_dir: Annotated[
+        Path | None, typer.Option("--class-dir", help="Class images; missing ones are generated (default <out>.class).")
+    ] = None,
+    num_class_images: Annotated[int, typer.Option("--num-class-images")] = 100,
+    prior_loss_weight: Annotated[float, typer.Option("--prior-loss-weight")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step, all from one aspect bucket.")] = 1,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Keep latents and prompt embeddings on disk for later runs.")
+    ] = None,
+    train_text_encoder: Annotated[
+        bool, typer.Option("--train-text-encoder", help="LoRAs on both text encoders too (dreambooth).")
+    ] = False,
+    num_images: Annotated[int, typer.Option("--num-images", help="Wrong mode: failure images to generate.")] = 100,
+    wrong_dir: Annotated[
+        Path | None, typer.Option("--wrong-dir", help="Wrong mode's dataset folder (default <out>.wrong), reused.")
+    ] = None,
+    generate_steps: Annotated[
+        int, typer.Option("--generate-steps", help="Sampling steps per generated class/wrong image.")
+    ] = 25,
 ) -> None:
     """Train a LoRA: copy-machine (one image, empty prompt), dreambooth, or the negative 'wrong' LoRA."""
-    if mode in ("dreambooth", "wrong"):
-        raise NotBuiltError(f"loratool train --mode {mode} is not built yet; it arrives with its own issue.")
-    if mode != "copy":
+    if mode not in ("copy", "dreambooth", "wrong"):
         raise InputError(f"--mode must be copy, dreambooth or wrong, not {mode!r}.")
     if pair and inputs:
         raise InputError("pass either one image or --pair A B, not both.")
     from loratool import train as verb
 
-    config = verb.TrainConfig(
+    extra = {}
+    if mode != "copy":
+        extra = dict(
+            mode=mode,
+            prompt=prompt,
+            class_prompt=class_prompt,
+            class_dir=class_dir,
+            num_class_images=num_class_images,
+            prior_loss_weight=prior_loss_weight,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            train_text_encoder=train_text_encoder,
+            num_images=num_images,
+            wrong_dir=wrong_dir,
+            generate_steps=generate_steps,
+        )
+    config = (verb.DreamboothConfig if extra else verb.TrainConfig)(
+        **extra,
         images=list(pair) if pair else list(inputs or []),
         output=output,
         pair=pair is not None,

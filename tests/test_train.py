@@ -228,6 +228,6 @@ def test_bad_input_is_one_line_and_exit_1_with_nothing_written(case, tiny_models
     assert not (tmp_path / "out.safetensors").exists() and not list(tmp_path.glob("*.report.json"))
 
 
-def test_other_modes_are_not_built_and_exit_2(cli, image):
-    code, _, stderr = cli("train", image, "--mode", "dreambooth")
-    assert code == 2 and "not built" in stderr
+def test_an_unknown_mode_is_one_line_and_exit_1(cli, image):
+    code, _, stderr = cli("train", image, "--mode", "textual-inversion")
+    assert code == 1 and "--mode must be copy, dreambooth or wrong" in stderr

@@ -1,6 +1,6 @@
-"""`loratool train`: copy-machine training (dreambooth and "wrong" arrive with their own issues)."""
+"""`loratool train`: copy-machine, dreambooth and the negative "wrong" LoRA, through one loop."""
 
-from loratool.train.config import TrainConfig
+from loratool.train.config import DreamboothConfig, TrainConfig
 from loratool.train.loop import TrainingInterrupted, run
 
-__all__ = ["TrainConfig", "TrainingInterrupted", "run"]
+__all__ = ["DreamboothConfig", "TrainConfig", "TrainingInterrupted", "run"]

@@ -31,18 +31,21 @@ class TrainState:
     eval_loss_start: float | None = None
 
 
-def trainable_state(unet) -> dict[str, torch.Tensor]:
-    """The LoRA parameters by name (name-keyed, so a changed model fails loudly instead of loading wrongly)."""
-    return {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The LoRA parameters by name (name-keyed, so a changed model fails loudly instead of loading wrongly).
+
+    `model` is the UNet or a ModuleDict of every model that carries a LoRA (unet, te1, te2).
+    """
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(folder: Path, state: TrainState, unet, optimizer, generator, settings: dict) -> Path:
+def save(folder: Path, state: TrainState, model, optimizer, generator, settings: dict) -> Path:
     from safetensors.torch import save_file
 
     target = Path(folder) / f"step-{state.step:06d}"
     with atomic_path(target) as tmp:
         tmp.mkdir(parents=True)
-        save_file(trainable_state(unet), tmp / "lora.safetensors")
+        save_file(trainable_state(model), tmp / "lora.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"generator": generator.get_state()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state) | {"settings": settings}))
@@ -58,7 +61,7 @@ def latest(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(folder: Path, unet, optimizer, generator, settings: dict) -> TrainState:
+def load(folder: Path, model, optimizer, generator, settings: dict) -> TrainState:
     """Restore the latest checkpoint into the LoRA, the optimizer and the generator."""
     from safetensors.torch import load_file
 
@@ -73,7 +76,7 @@ def load(folder: Path, unet, optimizer, generator, settings: dict) -> TrainState
                 f"not {settings.get(key)!r}; pass the same settings or remove {folder}."
             )
     weights = load_file(path / "lora.safetensors")
-    params = dict(unet.named_parameters())
+    params = dict(model.named_parameters())
     if set(weights) != {n for n, p in params.items() if p.requires_grad}:
         raise InputError(f"--resume: {path} holds a different set of LoRA layers; remove {folder} to start over.")
     with torch.no_grad():

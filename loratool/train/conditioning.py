@@ -33,18 +33,23 @@ class Conditioning:
 def encode_once(pipe, image: TrainImage) -> Conditioning:
     """Latent of the image (the distribution's mode: deterministic) and the empty prompt's embeddings."""
     device = pipe.unet.device
-    vae = pipe.vae
-    if vae.dtype != torch.float32:
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16; it is small, so encode (and decode) in fp32
-    pixels = image.pixels[None].to(device, torch.float32)
-    latent = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    latent = encode_latent(pipe.vae, image.pixels[None].to(device))
     embeds, _, pooled, _ = pipe.encode_prompt(prompt="", device=device, do_classifier_free_guidance=False)
     time_ids = torch.tensor([image.time_ids()], dtype=torch.float32, device=device)
-    return Conditioning(latent.float(), embeds.float(), pooled.float(), time_ids)
+    return Conditioning(latent, embeds.float(), pooled.float(), time_ids)
 
 
-def release_encoders(pipe, keep_decoder: bool):
-    """Drop the text encoders and the VAE encoder; returns the VAE (decoder only) or None.
+@torch.no_grad()
+def encode_latent(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) in [-1, 1] → the latent distribution's mode (deterministic), times the scaling factor."""
+    if vae.dtype != torch.float32:
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16; it is small, so encode (and decode) in fp32
+    latent = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mode()
+    return (latent * vae.config.scaling_factor).float()
+
+
+def release_encoders(pipe, keep_decoder: bool, keep_text: bool = False):
+    """Drop the text encoders (unless they train) and the VAE encoder; returns the VAE (decoder only) or None.
 
     The copy check decodes renders every --check-every steps. Keeping the decoder (about 50 M parameters,
     0.2 GB in fp32 for SDXL) is cheaper than re-reading a multi-GB checkpoint at every check.
@@ -53,7 +58,8 @@ def release_encoders(pipe, keep_decoder: bool):
     if vae is not None:
         vae.encoder = None
         vae.quant_conv = None
-    for name in ("text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2"):
+    names = ("vae",) if keep_text else ("text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2")
+    for name in names:
         setattr(pipe, name, None)
     gc.collect()
     if torch.cuda.is_available():

@@ -48,10 +48,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.images = [Path(p) for p in self.images]
         self.output = Path(self.output)
-        wanted = 2 if self.pair else 1
-        if len(self.images) != wanted:
-            what = "--pair takes exactly two images" if self.pair else "copy mode trains on exactly one image"
-            raise InputError(f"{what}, got {len(self.images)}; use --pair A.png B.png for a slider pair.")
+        self.check_inputs()
         _in_range("--rank", self.rank, 1, 128)
         _in_range("--steps", self.steps, 1, 1_000_000)
         _in_range("--gradient-accumulation", self.gradient_accumulation, 1, 1024)
@@ -76,6 +73,12 @@ class TrainConfig:
         if self.stop_when_copied is not None and not self.check_every:
             raise InputError("--stop-when-copied needs the copy check: drop --check-every 0.")
         self.base_lora_weights()  # parse now, so a typo fails before any model loads
+
+    def check_inputs(self) -> None:
+        wanted = 2 if self.pair else 1
+        if len(self.images) != wanted:
+            what = "--pair takes exactly two images" if self.pair else "copy mode trains on exactly one image"
+            raise InputError(f"{what}, got {len(self.images)}; use --pair A.png B.png for a slider pair.")
 
     def base_lora_weights(self) -> list[tuple[Path, float]]:
         """--base-lora FILE[:WEIGHT] → (path, weight); the weight defaults to 1."""
@@ -108,6 +111,69 @@ class TrainConfig:
         return {k: plain(v) for k, v in asdict(self).items()}
 
 
+@dataclass
+class DreamboothConfig(TrainConfig):
+    """Dreambooth: a UNet (and optionally text-encoder) LoRA on a folder of captioned images, with optional
+    prior preservation; mode "wrong" first generates its own folder of failure images (trigger word `wrong`).
+
+    `images` holds the instance folder (dreambooth) or nothing (wrong). The copy check does not apply.
+    """
+
+    mode: str = "dreambooth"
+    prompt: str = ""  # the instance prompt; a `.txt` beside an image overrides it
+    class_prompt: str | None = None  # prior preservation on when set
+    class_dir: Path | None = None  # default: <output>.class/
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    batch_size: int = 1
+    cache_dir: Path | None = None  # latents and embeddings on disk, reused across runs
+    train_text_encoder: bool = False
+    num_images: int = 100  # wrong mode: images generated
+    wrong_dir: Path | None = None  # wrong mode: default <output>.wrong/
+    generate_steps: int = 25  # sampling steps for generated class / wrong images
+    check_every: int | None = 0
+
+    def check_inputs(self) -> None:
+        if self.mode not in ("dreambooth", "wrong"):
+            raise InputError(f"--mode must be copy, dreambooth or wrong, not {self.mode!r}.")
+        if self.pair:
+            raise InputError(f"--pair is a copy-mode option; drop it with --mode {self.mode}.")
+        if self.check_every or self.stop_when_copied is not None:
+            raise InputError(
+                f"--check-every/--stop-when-copied are copy-mode options; drop them with --mode {self.mode}."
+            )
+        self.check_every = 0
+        if self.mode == "dreambooth":
+            if len(self.images) != 1:
+                raise InputError(f"--mode dreambooth takes one folder of instance images, got {len(self.images)}.")
+            if not self.prompt.strip():
+                raise InputError("--mode dreambooth needs --prompt, e.g. --prompt 'a photo of sks dog'.")
+        elif self.images:
+            raise InputError("--mode wrong generates its own images: drop the input paths (use --wrong-dir).")
+        if self.mode == "wrong":
+            self.prompt = "wrong"
+            _in_range("--num-images", self.num_images, 1, 100_000)
+        if self.class_prompt is not None:
+            _in_range("--num-class-images", self.num_class_images, 1, 100_000)
+            if self.prior_loss_weight < 0:
+                raise InputError(f"--prior-loss-weight must be ≥ 0, not {self.prior_loss_weight}.")
+        _in_range("--batch-size", self.batch_size, 1, 4096)
+        _in_range("--generate-steps", self.generate_steps, 1, 1000)
+        for name in ("class_dir", "cache_dir", "wrong_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+
+    @property
+    def prior(self) -> bool:
+        return self.class_prompt is not None
+
+    def class_folder(self) -> Path:
+        return self.class_dir or sidecars(self.output)["class"]
+
+    def wrong_folder(self) -> Path:
+        return self.wrong_dir or sidecars(self.output)["wrong"]
+
+
 def sidecars(lora_path: Path) -> dict[str, Path]:
     """The files that go next to a LoRA: report, preview, and the checkpoint folder."""
     stem = lora_path.with_suffix("") if lora_path.suffix == ".safetensors" else lora_path
@@ -115,6 +181,8 @@ def sidecars(lora_path: Path) -> dict[str, Path]:
         "report": stem.with_name(stem.name + ".report.json"),
         "preview": stem.with_name(stem.name + ".preview.png"),
         "checkpoints": stem.with_name(stem.name + ".ckpt"),
+        "class": stem.with_name(stem.name + ".class"),
+        "wrong": stem.with_name(stem.name + ".wrong"),
     }
 
 

@@ -1,23 +1,26 @@
-"""The copy-machine loop: one image, empty prompt, a UNet LoRA trained until the model reproduces the image.
+"""The training loop of every mode: copy (one image, empty prompt), dreambooth and wrong.
 
-Reads top to bottom: run → train_one (load, encode once, inject) → fit (the loop) → small helpers.
+Reads top to bottom: run (copy mode's data; dreambooth.run prepares its own) → train → fit (the loop)
+→ train_step → small helpers. What differs between modes is the Trainee's data source, not the loop.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from loratool.data.images import TrainImage, compare_pair, prepare
+from loratool.data.images import compare_pair, prepare
 from loratool.errors import InputError, LoratoolError
 from loratool.files import check_writable
 from loratool.train import checkpoint
 from loratool.train.checkpoint import TrainState
-from loratool.train.config import TrainConfig, sidecars
+from loratool.train.config import DreamboothConfig, TrainConfig, sidecars
+from loratool.train.loss import prior_preservation_loss, sample_losses
 from loratool.train.model import ADAPTER, Trainee, load_trainee
 from loratool.train.progress import TrainProgress
 from loratool.train.record import write_outputs
@@ -34,18 +37,28 @@ class TrainingInterrupted(LoratoolError):
 
 def run(config: TrainConfig) -> list[Path]:
     """Train one LoRA per image (two for --pair, identical settings); returns every file written."""
+    if isinstance(config, DreamboothConfig):
+        from loratool.train.dreambooth import run as run_dreambooth
+
+        return run_dreambooth(config)
     preflight(config)
     lora_paths = config.lora_paths()
     for path in lora_paths:
-        for p in (path, sidecars(path)["report"], sidecars(path)["preview"]):
-            check_writable(p, config.force or config.resume)  # --resume overwrites its own interrupted outputs
+        check_outputs(config, path)
     if config.pair:
         compare_pair(*config.images)
     images = [prepare(p, config.resolution) for p in config.images]
     written: list[Path] = []
     for image, path in zip(images, lora_paths, strict=True):
-        written += train_one(config, image, path)
+        started = time.perf_counter()
+        trainee = load_trainee(config, image)
+        written += train(config, trainee, path, {"load_and_encode_s": time.perf_counter() - started})
     return written
+
+
+def check_outputs(config: TrainConfig, lora_path: Path) -> None:
+    for p in (lora_path, sidecars(lora_path)["report"], sidecars(lora_path)["preview"]):
+        check_writable(p, config.force or config.resume)  # --resume overwrites its own interrupted outputs
 
 
 def preflight(config: TrainConfig) -> None:
@@ -59,10 +72,10 @@ def preflight(config: TrainConfig) -> None:
         raise InputError("--base-lora cannot be folded into a --quantize-base model: drop one of them.")
 
 
-def train_one(config: TrainConfig, image: TrainImage, lora_path: Path) -> list[Path]:
-    started = time.perf_counter()
-    trainee = load_trainee(config, image)
-    timings = {"load_and_encode_s": time.perf_counter() - started}
+def train(config: TrainConfig, trainee: Trainee, lora_path: Path, timings: dict) -> list[Path]:
+    """Fit, then write the outputs (the main process only, under data parallelism); Ctrl-C still writes them."""
+    from accelerate import PartialState
+
     state = TrainState()
     try:
         fit(config, trainee, state, sidecars(lora_path)["checkpoints"], timings)
@@ -71,56 +84,83 @@ def train_one(config: TrainConfig, image: TrainImage, lora_path: Path) -> list[P
         raise TrainingInterrupted(
             f"interrupted at step {state.step}; wrote {paths[0]} (continue with --resume if --save-every was set)."
         ) from None
+    if not PartialState().is_main_process:
+        return []
     return write_outputs(config, trainee, state, lora_path, timings)
 
 
 def fit(config: TrainConfig, trainee: Trainee, state: TrainState, ckpt_dir: Path, timings: dict) -> None:
     """The loop. Mutates `state` step by step, so an interrupt leaves it describing the last finished step."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton; --pair and tests make several
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        cpu=trainee.device.type == "cpu",
-    )
-    params = [p for p in trainee.unet.parameters() if p.requires_grad]
-    unet, optimizer = accelerator.prepare(trainee.unet, make_optimizer(config, params))
+    accelerator = make_accelerator(config, trainee)
+    modules = trainee.trained_modules()
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    *wrapped, optimizer = accelerator.prepare(*modules.values(), make_optimizer(config, params))
+    unet = wrapped[0]
+    encode = None
+    if trainee.text is not None:  # captions go through the (wrapped) LoRA text encoders at every step
+        encode = replace(trainee.text, encoders=tuple(wrapped[1:])).encode
+    step = functools.partial(train_step, accelerator, unet, optimizer, params, trainee, config=config, encode=encode)
     generator = torch.Generator(trainee.device).manual_seed(config.seed)
-    settings = config.record() | {"image_sha256": trainee.image_sha256}
+    saved = torch.nn.ModuleDict(modules)  # the unwrapped models: checkpoint names do not depend on DDP
+    settings = config.record() | {"data_sha256": trainee.data_sha256}
+    main = accelerator.is_main_process
     if config.resume and checkpoint.latest(ckpt_dir):
-        state.__dict__.update(checkpoint.load(ckpt_dir, unet, optimizer, generator, settings).__dict__)
+        state.__dict__.update(checkpoint.load(ckpt_dir, saved, optimizer, generator, settings).__dict__)
     if state.eval_loss_start is None:
-        state.eval_loss_start = eval_loss(unet, trainee)
+        state.eval_loss_start = eval_loss(unet, trainee, encode)
     checker = trainee.checker
     if checker and not state.checks:
         state.checks.append(checker.check(unet, 0))  # step 0: what the base model renders
     loop_start, first_step = time.perf_counter(), state.step
-    with TrainProgress(config.steps, state.step) as progress:
+    with TrainProgress(config.steps, state.step, disable=not main) as progress:
         while state.step < config.steps:
-            loss = train_step(accelerator, unet, optimizer, params, trainee, generator, config)
+            loss = step(generator)
             state.step += 1
             state.losses.append(loss)
             if checker and (state.step % config.check_every == 0 or state.step == config.steps):
                 state.checks.append(checker.check(unet, state.step))
             progress.update(state.step, loss, state.checks[-1]["mean_psnr"] if state.checks else None)
-            if config.save_every and state.step % config.save_every == 0:
-                checkpoint.save(ckpt_dir, state, unet, optimizer, generator, settings)
+            if main and config.save_every and state.step % config.save_every == 0:
+                checkpoint.save(ckpt_dir, state, saved, optimizer, generator, settings)
             if copied(config, state):
                 log.info("copied at step %d: mean PSNR %.2f dB", state.step, state.checks[-1]["mean_psnr"])
                 break
     timings["train_s"] = time.perf_counter() - loop_start
     timings["steps_run"] = state.step - first_step
-    timings["eval_loss_end"] = eval_loss(unet, trainee)
+    timings["eval_loss_end"] = eval_loss(unet, trainee, encode)
 
 
-def train_step(accelerator, unet, optimizer, params, trainee: Trainee, generator, config: TrainConfig) -> float:
-    """One optimizer step over `gradient_accumulation` noise draws; returns the mean loss."""
+def make_accelerator(config: TrainConfig, trainee: Trainee):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps a process-wide singleton; --pair and tests make several
+    # text encoder 1 feeds its penultimate layer to the UNet: its last layer's LoRA never gets a gradient
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=trainee.text is not None)
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        cpu=trainee.device.type == "cpu",
+        kwargs_handlers=[ddp],
+    )
+
+
+def train_step(
+    accelerator, unet, optimizer, params, trainee: Trainee, generator, config: TrainConfig, encode=None
+) -> float:
+    """One optimizer step over `gradient_accumulation` draws of batches and noise; returns the mean loss."""
+    shard = (accelerator.process_index, accelerator.num_processes)
+    sched, prior_weight = trainee.noise_scheduler, getattr(config, "prior_loss_weight", 1.0)
     total = 0.0
     for _ in range(config.gradient_accumulation):
         with accelerator.accumulate(unet):
-            loss = diffusion_loss(unet, trainee, generator, config.noise_offset, config.min_snr_gamma)
+            terms = {False: None, True: None}
+            for batch in trainee.source.draw(generator):
+                losses = sample_losses(
+                    unet, sched, batch, generator, shard, encode, config.noise_offset, config.min_snr_gamma
+                )
+                terms[batch.prior] = losses
+            loss = prior_preservation_loss(terms[False], terms[True], prior_weight)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, 1.0)
@@ -130,44 +170,18 @@ def train_step(accelerator, unet, optimizer, params, trainee: Trainee, generator
     return total / config.gradient_accumulation
 
 
-def diffusion_loss(unet, trainee: Trainee, generator, noise_offset=0.0, min_snr_gamma=None, timestep=None):
-    """MSE between the UNet's prediction and its target (noise, or velocity for v-prediction models).
-
-    A fixed `timestep` is for evaluation; training draws one per call.
-    """
-    sched, latent = trainee.noise_scheduler, trainee.cond.latent
-    noise = torch.randn(latent.shape, generator=generator, device=latent.device)
-    if noise_offset:  # shifts the mean per channel, so the model can learn very dark/bright images
-        offset = torch.randn((1, latent.shape[1], 1, 1), generator=generator, device=latent.device)
-        noise = noise + noise_offset * offset
-    if timestep is None:
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=generator, device=latent.device)
-    else:
-        t = torch.tensor([timestep], device=latent.device)
-    noisy = sched.add_noise(latent, noise, t)
-    pred = unet(noisy, t, **trainee.cond.unet_kwargs()).sample
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latent, noise, t)
-    loss = F.mse_loss(pred.float(), target.float())
-    if min_snr_gamma:
-        loss = loss * min_snr_weight(sched, t, min_snr_gamma)
-    return loss
-
-
-def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ (Hang et al. 2023): stop the easy, low-noise timesteps from dominating the loss."""
-    ac = sched.alphas_cumprod.to(t.device)[t].float()
-    snr = ac / (1 - ac)
-    clipped = torch.clamp(snr, max=gamma)
-    return (clipped / (snr + 1) if sched.config.prediction_type == "v_prediction" else clipped / snr).mean()
-
-
 @torch.no_grad()
-def eval_loss(unet, trainee: Trainee) -> float:
+def eval_loss(unet, trainee: Trainee, encode=None) -> float:
     """Loss at fixed noise and evenly spaced timesteps: comparable across steps, unlike the training loss."""
     generator = torch.Generator(trainee.device).manual_seed(EVAL_SEED)
     n = trainee.noise_scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, n - 1, EVAL_POINTS).long().tolist()
-    losses = [diffusion_loss(unet, trainee, generator, timestep=t) for t in timesteps]
+    sched = trainee.noise_scheduler
+    losses = [
+        sample_losses(unet, sched, batch, generator, encode=encode, timestep=t).mean()
+        for batch in trainee.source.eval_batches()
+        for t in timesteps
+    ]
     return float(torch.stack(losses).mean().item())
 
 

@@ -11,9 +11,11 @@ import torch
 from loratool.data.images import TrainImage
 from loratool.errors import ModelSourceError
 from loratool.files import sha256
+from loratool.train.batch import Batch, BucketSource, OneBatch
 from loratool.train.check import CopyChecker
-from loratool.train.conditioning import Conditioning, encode_once, release_encoders
+from loratool.train.conditioning import encode_once, release_encoders
 from loratool.train.config import TrainConfig
+from loratool.train.text import TextEncoders
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +26,23 @@ ADAPTER = "copy"  # not "A"/"B": peft matches adapter names inside keys, and tho
 class Trainee:
     unet: object
     noise_scheduler: object  # DDPM: add_noise / get_velocity with the model's training schedule
-    cond: Conditioning
+    source: OneBatch | BucketSource  # the batches of each step
     keymap: object  # built before peft wraps the modules
-    checker: CopyChecker | None
-    image: TrainImage
-    image_sha256: str
+    device: torch.device
+    data_sha256: str  # what was trained on: the image (copy) or the whole dataset (dreambooth)
+    checker: CopyChecker | None = None
+    image: TrainImage | None = None  # copy mode
+    text: TextEncoders | None = None  # set when the text encoders train (their LoRAs are re-run every step)
+    dataset: dict = field(default_factory=dict)  # dreambooth: prompts and counts, for metadata and report
     base_loras: list[dict] = field(default_factory=list)
     vae_psnr: float | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.cond.latent.device
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """Every model that carries a LoRA, by component name (unet, te1, te2)."""
+        modules = {"unet": self.unet}
+        if self.text is not None:
+            modules |= dict(zip(("te1", "te2"), self.text.encoders, strict=True))
+        return modules
 
 
 def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
@@ -63,14 +71,16 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
         reference = ((image.pixels[None] + 1) / 2).clamp(0, 1)
         seeds = list(range(config.check_seeds))
         checker = CopyChecker(vae, dict(pipe.scheduler.config), cond, reference, seeds, config.check_steps)
+    batch = Batch(cond.latent, cond.time_ids, [""], cond.prompt_embeds, cond.pooled)
     trainee = Trainee(
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        cond=cond,
+        source=OneBatch(batch),
         keymap=keymap,
+        device=cond.latent.device,
+        data_sha256=sha256(image.path),
         checker=checker,
         image=image,
-        image_sha256=sha256(image.path),
         base_loras=base_loras,
     )
     if checker:

@@ -7,7 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total: int, start: int = 0) -> None:
+    def __init__(self, total: int, start: int = 0, disable: bool = False) -> None:
         self._bar = Progress(
             TextColumn("train"),
             BarColumn(),
@@ -18,6 +18,7 @@ class TrainProgress:
             TextColumn("PSNR {task.fields[psnr]}"),
             console=Console(stderr=True),
             transient=False,
+            disable=disable,  # the other processes of a data-parallel run stay quiet
         )
         self._task = self._bar.add_task("train", total=total, completed=start, loss="-", rate="-", psnr="-")
 

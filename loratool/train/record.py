@@ -22,8 +22,12 @@ def write_outputs(
     """LoRA, `<name>.report.json` and (with the copy check) `<name>.preview.png`; each written atomically."""
     from loratool.lora.apply import network_from_peft
     from loratool.lora.io import write_lora
+    from loratool.lora.network import LoraNetwork
 
-    network = network_from_peft(trainee.unet, "unet", ADAPTER)
+    network = LoraNetwork()
+    for component, model in trainee.trained_modules().items():
+        for module in network_from_peft(model, component, ADAPTER):
+            network.add(module)
     # force: writability was checked before training; a run of hours must not fail at its very last line
     meta = metadata(config, trainee, state)
     write_lora(network, lora_path, keymap=trainee.keymap, fmt="kohya", metadata=meta, force=True)
@@ -46,10 +50,11 @@ def metadata(config: TrainConfig, trainee: Trainee, state: TrainState) -> dict[s
 
     write_lora adds the standard ss_* keys (dim, alpha, module, base model version, output name).
     """
-    recipe = json.dumps(trainee.base_loras) if trainee.base_loras else "copy"
-    return {
+    mode = getattr(config, "mode", "copy")
+    recipe = json.dumps(trainee.base_loras) if trainee.base_loras else mode
+    meta = {
         "loratool_version": __version__,
-        "loratool_mode": "copy",
+        "loratool_mode": mode,
         "loratool_recipe": recipe,
         "loratool_base_model": config.model,
         "loratool_rank": str(config.rank),
@@ -58,12 +63,17 @@ def metadata(config: TrainConfig, trainee: Trainee, state: TrainState) -> dict[s
         "loratool_lr": str(config.lr),
         "loratool_seed": str(config.seed),
         "loratool_resolution": str(config.resolution),
-        "loratool_image": trainee.image.path.name,
-        "loratool_image_sha256": trainee.image_sha256,
         "loratool_config": json.dumps(config.record()),
         "ss_steps": str(state.step),
         "ss_learning_rate": str(config.lr),
         "ss_seed": str(config.seed),
+    }
+    if trainee.image is not None:
+        meta |= {"loratool_image": trainee.image.path.name, "loratool_image_sha256": trainee.data_sha256}
+    else:
+        meta["loratool_dataset_sha256"] = trainee.data_sha256
+    return meta | {
+        k: v if isinstance(v, str) else json.dumps(v) for k, v in trainee.dataset.get("metadata", {}).items()
     }
 
 
@@ -71,16 +81,21 @@ def report(config: TrainConfig, trainee: Trainee, state: TrainState, timings: di
     image = trainee.image
     train_s = timings.get("train_s")
     steps_run = timings.get("steps_run", state.step)
+    data = {"dataset": trainee.dataset.get("report", {}) | {"sha256": trainee.data_sha256}}
+    if image is not None:
+        data = {
+            "image": {
+                "path": str(image.path),
+                "sha256": trainee.data_sha256,
+                "original_size": image.original_size,
+                "crop_top_left": image.crop_top_left,
+                "target_size": image.target_size,
+            }
+        }
     return {
         "loratool_version": __version__,
         "settings": config.record(),
-        "image": {
-            "path": str(image.path),
-            "sha256": trainee.image_sha256,
-            "original_size": image.original_size,
-            "crop_top_left": image.crop_top_left,
-            "target_size": image.target_size,
-        },
+        **data,
         "base_loras": trainee.base_loras,
         "steps_done": state.step,
         "interrupted": interrupted,

@@ -1,0 +1,71 @@
+"""The diffusion loss of one batch, per sample, and how instance and prior-preservation terms combine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from loratool.train.batch import Batch
+
+Encoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # captions → (prompt_embeds, pooled)
+
+
+def sample_losses(
+    unet,
+    sched,
+    batch: Batch,
+    generator: torch.Generator,
+    shard: tuple[int, int] = (0, 1),
+    encode: Encoder | None = None,
+    noise_offset: float = 0.0,
+    min_snr_gamma: float | None = None,
+    timestep: int | None = None,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and its target (noise, or velocity), one value per sample of our shard.
+
+    Noise and timesteps are drawn for the whole global batch, then sharded: every process draws the same
+    numbers, so N processes train exactly what one process would. A fixed `timestep` is for evaluation.
+    """
+    latents = batch.latents
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if noise_offset:  # shifts the mean per channel, so the model can learn very dark/bright images
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
+        noise = noise + noise_offset * offset
+    if timestep is None:
+        n = sched.config.num_train_timesteps
+        t = torch.randint(0, n, (latents.shape[0],), generator=generator, device=latents.device)
+    else:
+        t = torch.full((latents.shape[0],), timestep, device=latents.device)
+    index, count = shard
+    batch, noise, t = batch.shard(index, count), noise[index::count], t[index::count]
+    embeds, pooled = (batch.prompt_embeds, batch.pooled) if encode is None else encode(batch.captions)
+    noisy = sched.add_noise(batch.latents, noise, t)
+    cond = {"text_embeds": pooled, "time_ids": batch.time_ids}
+    pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(batch.latents, noise, t)
+    losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        losses = losses * min_snr_weight(sched, t, min_snr_gamma)
+    return losses
+
+
+def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): stop the easy, low-noise timesteps from dominating the loss (per sample)."""
+    ac = sched.alphas_cumprod.to(t.device)[t].float()
+    snr = ac / (1 - ac)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if sched.config.prediction_type == "v_prediction" else clipped / snr
+
+
+def prior_preservation_loss(
+    instance: torch.Tensor, prior: torch.Tensor | None, prior_loss_weight: float = 1.0
+) -> torch.Tensor:
+    """Dreambooth's loss: mean instance MSE + prior_loss_weight · mean prior (class-image) MSE.
+
+    Each term is the mean over its own samples, so the weight means the same at any batch size.
+    """
+    if prior is None:
+        return instance.mean()
+    return instance.mean() + prior_loss_weight * prior.mean()
