@@ -68,11 +68,6 @@ class BuildConfig:
         return Budget(steps=steps, seconds=60.0 * self.minutes * STAGE_SHARES[stage], warmup=warmup)
 
 
-def _render_chunk(args: tuple[int, int, int]) -> np.ndarray:
-    n, seed, start = args
-    return shapes.render_many(n, seed, start)[0]
-
-
 def generate(n: int, seed: int, size: int) -> tuple[torch.Tensor, list[str]]:
     """n scenes as a uint8 tensor (n, 3, size, size) plus captions; rendered in parallel chunks when n is large."""
     captions = [shapes.scene_for(seed, i).caption for i in range(n)]
@@ -80,9 +75,9 @@ def generate(n: int, seed: int, size: int) -> tuple[torch.Tensor, list[str]]:
     jobs = [(min(chunk, n - s), seed, s) for s in range(0, n, chunk)]
     if len(jobs) > 1 and workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            pixels = np.concatenate(list(pool.map(_render_chunk, jobs)))
+            pixels = np.concatenate(list(pool.map(shapes.render_pixels, jobs)))
     else:
-        pixels = np.concatenate([_render_chunk(job) for job in jobs])
+        pixels = np.concatenate([shapes.render_pixels(job) for job in jobs])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     if size != shapes.SIZE:
         images = torch.nn.functional.interpolate(images.float(), size=size, mode="area").round().to(torch.uint8)

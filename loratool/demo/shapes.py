@@ -51,13 +51,17 @@ class Scene:
 
 @dataclass(frozen=True)
 class Description:
-    """What `describe` sees in an image: the dominant shape colour, its area (px), centroid and shape kind."""
+    """What `describe` sees in an image: the dominant shape colour, its area (px), centroid and shape kind.
+
+    `fill` is the area over the bounding box's: ~1 square, ~0.79 circle, ~0.5 triangle, low for scattered noise.
+    """
 
     colour: str | None
     area: int
     cx: float
     cy: float
     shape: str | None
+    fill: float = 0.0
 
     @property
     def size(self) -> str:
@@ -111,6 +115,11 @@ def render_many(n: int, seed: int, start: int = 0, backgrounds: tuple[str, ...] 
     for i, scene in enumerate(scenes):
         out[i] = np.asarray(render(scene))
     return out, scenes
+
+
+def render_pixels(job: tuple[int, int, int]) -> np.ndarray:
+    """`render_many(n, seed, start)` pixels only, for a process pool: job = (n, seed, start)."""
+    return render_many(*job)[0]
 
 
 def concept_pair(concept: str, seed: int) -> tuple[Image.Image, Image.Image, Scene, Scene]:
@@ -172,4 +181,4 @@ def describe(image: Image.Image | np.ndarray) -> Description:
     y0, y1 = np.percentile(ys, (1, 99))
     fill = mask.sum() / max((x1 - x0 + 1) * (y1 - y0 + 1), 1.0)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
-    return Description(colour, int(mask.sum()), float(xs.mean()), float(ys.mean()), shape)
+    return Description(colour, int(mask.sum()), float(xs.mean()), float(ys.mean()), shape, float(fill))
