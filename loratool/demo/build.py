@@ -108,8 +108,10 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
     """Train VAE, base and refiner in place; returns the report's figures."""
     torch.manual_seed(cfg.seed)
     report: dict = {}
+    data_clock = Budget()
     images, captions = generate(cfg.images, cfg.seed, cfg.size)
     held_out, _ = generate(min(256, cfg.images), cfg.seed + 1, cfg.size)
+    report["data_seconds"] = round(data_clock.elapsed(), 1)
     images, held_out = images.to(cfg.device), held_out.to(cfg.device)
     budget = cfg.budget("vae")
     report["vae_steps"], report["vae_loss"] = train_vae(
@@ -117,7 +119,7 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
     )
     report["vae_seconds"] = round(budget.elapsed(), 1)
     report["latent_mean"], report["latent_std"] = normalise_latents(base.vae, images[:1024])
-    report["vae_psnr_db"] = psnr(base.vae, held_out)
+    report["vae_psnr_db"] = round(psnr(base.vae, held_out), 2)
     table = [""] + sorted(set(captions))  # row 0: the empty prompt
     rows = torch.tensor([table.index(c) for c in captions], device=cfg.device)
     latents = encode(base.vae, images)
