@@ -56,7 +56,7 @@ class BuildConfig:
     size: int = 128
     vae_batch: int = 64
     unet_batch: int = 128
-    vae_lr: float = 5e-4
+    vae_lr: float = 1e-3
     unet_lr: float = 5e-4
     log_every: int = 100
     spec: TinySpec = field(default_factory=lambda: DEMO_SPEC)

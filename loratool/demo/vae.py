@@ -13,6 +13,7 @@ from loratool.demo.schedule import Budget
 log = logging.getLogger(__name__)
 
 KL_WEIGHT = 1e-7  # only keeps the posterior well-defined; the scale is fixed afterwards by `normalise_latents`
+FOREGROUND_WEIGHT = 4.0  # extra weight of shape pixels in the reconstruction loss
 EDGE_WEIGHT = 0.5  # L1 on image gradients: keeps shape edges sharp without a perceptual network
 
 
@@ -25,10 +26,20 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
+def foreground_weight(x: torch.Tensor) -> torch.Tensor:
+    """1 on the background (the corner colour: shapes never reach the corners), 1 + FOREGROUND_WEIGHT on shapes.
+
+    Shapes cover ~5-25 % of a scene; unweighted, the VAE learns their outline long before their colour.
+    """
+    off = (x - x[..., :1, :1]).abs().amax(dim=1, keepdim=True) > 0.1
+    return 1.0 + FOREGROUND_WEIGHT * off.float()
+
+
 def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     posterior = vae.encode(x).latent_dist
     rec = vae.decode(posterior.sample(generator=generator)).sample.float()
-    loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    error = rec - x
+    loss = (foreground_weight(x) * (error.abs() + error.pow(2))).mean()
     for r, t in zip(_edges(rec), _edges(x), strict=True):
         loss = loss + EDGE_WEIGHT * F.l1_loss(r, t)
     return loss + KL_WEIGHT * posterior.kl().float().mean()
