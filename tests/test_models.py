@@ -28,6 +28,11 @@ def _render(cli, tmp_path, name, *model_args, refiner="none"):
     return np.asarray(Image.open(out / "seed3.png"), dtype=np.float32) / 255, out / "seed3.png"
 
 
+# The two loads hold identical weights but differ by ~1e-6 in float (memory layout); a pixel sitting on a rounding
+# boundary of the 8-bit PNG can then move by one step, so compare to one step, not to float precision.
+ONE_PNG_STEP = 1.0 / 255 + 1e-6
+
+
 def test_folder_and_single_file_render_the_same(cli, tiny_models, tmp_path):
     a, _ = _render(cli, tmp_path, "folder", "--model", tiny_models / "base")
     b, _ = _render(
@@ -39,7 +44,7 @@ def test_folder_and_single_file_render_the_same(cli, tiny_models, tmp_path):
         "--model-config",
         tiny_models / "base",
     )
-    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - b).max() <= ONE_PNG_STEP
 
 
 def test_refiner_from_folder_and_file_render_the_same(cli, tiny_models, tmp_path):
@@ -54,7 +59,7 @@ def test_refiner_from_folder_and_file_render_the_same(cli, tiny_models, tmp_path
         tiny_models / "refiner",
         refiner=tiny_models / "refiner.safetensors",
     )
-    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - b).max() <= ONE_PNG_STEP
     from PIL import Image
 
     text = Image.open(png).text

@@ -59,19 +59,32 @@ def build_tokenizer(words: tuple[str, ...] = tuple(DEFAULT_WORDS), pad_token: st
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # Start from what the merges so far make of the word ("green" meets "red"'s ("r", "e") first), then
+        # join those pieces left to right; later rules never preempt earlier words' rules, so they stay whole.
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         merged = pieces[0]
         for piece in pieces[1:]:
             rule = (merged, piece)
             merged += piece
-            if rule not in merges:
-                merges.append(rule)
+            if rule not in ranks:
+                ranks[rule] = len(ranks)
                 tokens.append(merged)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), pad_token=pad_token, model_max_length=77)
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one word: merge the lowest-ranked adjacent pair until none is ranked."""
+    while len(pieces) > 1:
+        pairs = zip(pieces[:-1], pieces[1:], strict=True)
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairs))
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
 
 
 def _text_encoder_config(width: int, projection: int, act: str, vocab_size: int, eos_id: int):

@@ -1,0 +1,106 @@
+"""Training a UNet (base or refiner) on cached latents with SDXL's epsilon objective, EMA and caption dropout."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loratool.demo.schedule import Budget
+
+log = logging.getLogger(__name__)
+
+MIN_SNR_GAMMA = 5.0  # min-SNR-γ loss weighting: converges several times faster on short budgets
+
+
+@dataclass
+class Conditioning:
+    """Per-caption text embeddings (row 0 is the empty prompt) and the SDXL time ids of kept/dropped captions.
+
+    Dropped captions train the empty prompt: copy-machine LoRAs train with "" and classifier-free guidance uses it
+    as the negative. The refiner's dropped rows get the negative aesthetic score (2.5), as its pipeline does.
+    """
+
+    embeds: torch.Tensor  # (captions, 77, width)
+    pooled: torch.Tensor  # (captions, projection)
+    time_ids: torch.Tensor  # (1, k) for kept captions
+    dropped_time_ids: torch.Tensor  # (1, k) for the empty prompt
+
+    def __call__(self, caption: torch.Tensor, dropped: torch.Tensor):
+        caption = torch.where(dropped, torch.zeros_like(caption), caption)
+        time_ids = torch.where(dropped[:, None], self.dropped_time_ids, self.time_ids)
+        return self.embeds[caption], {"text_embeds": self.pooled[caption], "time_ids": time_ids}
+
+
+@dataclass
+class DenoiserData:
+    latents: torch.Tensor  # (n, 4, h, w), already × scaling factor
+    captions: torch.Tensor  # (n,) long: row of Conditioning
+    conditioning: Conditioning
+
+
+@dataclass
+class DenoiserRun:
+    batch: int
+    lr: float
+    max_timestep: int = 1000  # the refiner trains only below 200, the low-noise end
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 100
+    name: str = "unet"
+
+
+def noisy_batch(data: DenoiserData, run: DenoiserRun, alphas: torch.Tensor, gen: torch.Generator):
+    """(noisy latents, timesteps, noise, min-SNR weights, caption rows, dropped mask) for one random batch."""
+    device = data.latents.device
+    idx = torch.randint(len(data.latents), (run.batch,), generator=gen, device=device)
+    x0 = data.latents[idx]
+    t = torch.randint(0, run.max_timestep, (run.batch,), generator=gen, device=device)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    dropped = torch.rand(run.batch, generator=gen, device=device) < run.caption_dropout
+    a = alphas[t].view(-1, 1, 1, 1)
+    snr = a / (1 - a)
+    weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, weight.flatten(), data.captions[idx], dropped
+
+
+def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget) -> tuple[int, float]:
+    """Train `unet` in place and leave the EMA weights in it; returns (steps, final mean loss)."""
+    from loratool.sdxl.tiny import scheduler
+
+    device = data.latents.device
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    alphas = scheduler().alphas_cumprod.to(device)
+    gen = torch.Generator(device).manual_seed(run.seed)
+    params = [p for p in unet.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=1e-2)
+    unet.train().requires_grad_(True)
+    step, running = 0, []
+    while not budget.done(step):
+        for group in opt.param_groups:
+            group["lr"] = run.lr * budget.lr_factor(step)
+        xt, t, noise, weight, caption, dropped = noisy_batch(data, run, alphas, gen)
+        text, added = data.conditioning(caption, dropped)
+        with autocast:
+            pred = unet(xt, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(run.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        running.append(loss.detach())
+        step += 1
+        if step % run.log_every == 0:
+            mean = torch.stack(running[-run.log_every :]).mean()
+            log.info("%s step %d loss %.4f (%.1f s)", run.name, step, mean, budget.elapsed())
+    with torch.no_grad():
+        for p, e in zip(params, ema, strict=True):
+            p.copy_(e)
+    unet.eval().requires_grad_(False)
+    return step, float(torch.stack(running[-50:]).mean()) if running else float("nan")
