@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from loratool import __version__
-from loratool.errors import InputError, LoratoolError, NotBuiltError
+from loratool.errors import InputError, LoratoolError
 
 app = typer.Typer(
     name="loratool",
@@ -369,9 +369,23 @@ def inspect(
 
 @app.command()
 @handled
-def demo(output: Annotated[Path, typer.Option("-o", "--output")] = Path("demo-out")) -> None:
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("demo-out"),
+    concept: Annotated[str, typer.Option("--concept", help="size | colour | position")] = "size",
+    recipe: Annotated[int, typer.Option("--recipe", help="2: train both, merge A:1 B:-1. 1: train B on A.")] = 2,
+    steps: Annotated[int, typer.Option("--steps", help="Copy-machine steps per LoRA.")] = 300,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the sweep.")] = "0,1,2,3",
+    force: ForceOpt = False,
+) -> None:
     """Train a slider on the embedded demo model and render it, offline, in minutes."""
-    raise NotBuiltError("loratool demo is not built yet; it arrives with the demo-model issue.")
+    from loratool.demo import run as verb
+    from loratool.sample import parse_seeds
+
+    config = verb.DemoConfig(
+        output=output, concept=concept, recipe=recipe, steps=steps, seeds=parse_seeds(seeds), force=force
+    )
+    summary = verb.run(config)
+    typer.echo(str(summary))
 
 
 def main() -> None:

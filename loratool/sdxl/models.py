@@ -105,7 +105,7 @@ def load_pipeline(source: str, runtime: Runtime, *, refiner: bool = False, confi
     transformers_logging.disable_progress_bar()
     cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
     what = "refiner" if refiner else "model"
-    source = resolve_alias(source)
+    source = resolve_alias(source, refiner=refiner)
     path = Path(source).expanduser()
     kwargs = dict(dtype=runtime.dtype, **parts)
     try:
@@ -135,13 +135,17 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-def resolve_alias(source: str) -> str:
-    """`demo` → the model folder shipped inside the package (when it exists)."""
+DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "demo" / "weights"
+
+
+def resolve_alias(source: str, refiner: bool = False) -> str:
+    """`demo` → the small SDXL-architecture model shipped inside the package (base or refiner folder)."""
     if source != "demo":
         return source
-    from loratool.errors import NotBuiltError
-
-    raise NotBuiltError("--model demo: the embedded demo model is not built yet.")
+    folder = DEMO_WEIGHTS / ("refiner" if refiner else "base")
+    if not (folder / "model_index.json").is_file():
+        raise ModelSourceError(f"the demo model is missing from this install ({folder}); reinstall loratool.")
+    return str(folder)
 
 
 def load_vae(source: str, runtime: Runtime):
@@ -178,6 +182,8 @@ def load_models(
     refiner_config: str | None = None,
 ):
     """Base and (optionally) refiner pipelines, the refiner sharing text_encoder_2 and the VAE."""
+    if model == "demo" and vae is None:
+        vae = "base"  # the demo has its own VAE; SDXL's fp16-fix VAE would not match it
     vae_source = default_vae(runtime, vae)
     parts = {}
     if vae_source:

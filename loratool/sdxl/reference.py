@@ -136,7 +136,9 @@ def meta_components(source: str | None):
 
     if source is None:
         return meta_unet(BASE_UNET), meta_text_encoder(TEXT_ENCODER, False), meta_text_encoder(TEXT_ENCODER_2, True)
-    root = Path(source).expanduser()
+    from loratool.sdxl.models import resolve_alias
+
+    root = Path(resolve_alias(source)).expanduser()
     if not (root / "unet" / "config.json").is_file():
         raise ModelSourceError(f"--model {source}: give a diffusers folder (with unet/config.json) to check against.")
     unet_config = json.loads((root / "unet" / "config.json").read_text())
