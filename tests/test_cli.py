@@ -21,19 +21,18 @@ def test_version(cli):
     assert code == 0 and out.startswith("loratool ")
 
 
-def test_unbuilt_verb_says_so_and_exits_2(cli):
-    code, _, err = cli("demo")
-    assert code == 2
-    assert "not built yet" in err
-    assert "Traceback" not in err
+def test_demo_bad_concept_is_one_line(cli, tmp_path):
+    code, _, err = cli("demo", "--concept", "shape", "-o", tmp_path / "d")
+    assert code == 1 and "--concept" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
 
 
 def test_debug_env_shows_traceback(monkeypatch):
     from typer.testing import CliRunner
 
     from loratool.cli import app
-    from loratool.errors import NotBuiltError
+    from loratool.errors import LoraFileError
 
     monkeypatch.setenv("LORATOOL_DEBUG", "1")
-    result = CliRunner().invoke(app, ["demo"])
-    assert isinstance(result.exception, NotBuiltError)
+    result = CliRunner().invoke(app, ["inspect", "missing.safetensors"])
+    assert isinstance(result.exception, LoraFileError)
