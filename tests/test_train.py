@@ -43,7 +43,7 @@ def trained(tiny_models, image, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trained") / "copy.safetensors"
     args = ["train", str(image), "--model", str(tiny_models / "base"), "-o", str(out), "--steps", "30"]
-    args += ["--resolution", "64", "--rank", "4", "--lr", "1e-3", "--check-every", "10"]
+    args += ["--resolution", "64", "--rank", "4", "--lr", "1e-2", "--check-every", "10"]
     args += ["--check-seeds", "1", "--check-steps", "4"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
