@@ -111,6 +111,9 @@ def train(
     gradient_accumulation: Annotated[int, typer.Option("--gradient-accumulation")] = 1,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Less memory.")] = False,
     noise_offset: Annotated[float, typer.Option("--noise-offset")] = 0.0,
+    pure_noise: Annotated[
+        float, typer.Option("--pure-noise", help="Copy mode: share of steps trained from pure noise, e.g. 0.25.")
+    ] = 0.0,
     min_snr_gamma: Annotated[float | None, typer.Option("--min-snr-gamma", help="Min-SNR weighting, e.g. 5.")] = None,
     check_every: Annotated[
         int | None, typer.Option("--check-every", help="Copy check every N steps (default steps/10; 0: off).")
@@ -193,6 +196,7 @@ def train(
         gradient_accumulation=gradient_accumulation,
         gradient_checkpointing=gradient_checkpointing,
         noise_offset=noise_offset,
+        pure_noise=pure_noise,
         min_snr_gamma=min_snr_gamma,
         check_every=check_every,
         check_seeds=check_seeds,

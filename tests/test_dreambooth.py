@@ -170,10 +170,13 @@ def _bad(tmp_path, case):
         "no images": ([no_images], "no PNG, JPEG or WebP"),
         "caption not UTF-8": ([latin1], "dog.txt is not UTF-8"),
         "no class images": ([latin1, "--class-prompt", "a dog", "--num-class-images", "0"], "--num-class-images"),
+        "pure noise outside copy mode": ([latin1, "--pure-noise", "0.25"], "--pure-noise is a copy-mode option"),
     }[case]
 
 
-@pytest.mark.parametrize("case", ["empty folder", "no images", "caption not UTF-8", "no class images"])
+@pytest.mark.parametrize(
+    "case", ["empty folder", "no images", "caption not UTF-8", "no class images", "pure noise outside copy mode"]
+)
 def test_bad_input_is_one_line_naming_the_culprit_and_exit_1(case, tiny_models, tmp_path, cli):
     args, culprit = _bad(tmp_path, case)
     out = tmp_path / "out.safetensors"

@@ -200,6 +200,7 @@ def _bad_inputs(tmp_path, tiny_models, image):
         "unreadable model": [str(image), "--model", str(tmp_path / "no-model")],
         "unwritable output": [str(image), *model, "-o", str(blocker / "x.safetensors")],
         "rank out of range": [str(image), *model, "--rank", "0"],
+        "pure noise out of range": [str(image), *model, "--pure-noise", "1"],
         "8-bit adam without CUDA": [str(image), *model, "--optimizer", "adamw8bit"],
         "quantized base without CUDA": [str(image), *model, "--quantize-base", "nf4"],
     }
@@ -214,6 +215,7 @@ def _bad_inputs(tmp_path, tiny_models, image):
         "unreadable model",
         "unwritable output",
         "rank out of range",
+        "pure noise out of range",
         "8-bit adam without CUDA",
         "quantized base without CUDA",
     ],

@@ -20,7 +20,17 @@ from loratool.files import atomic_path
 log = logging.getLogger(__name__)
 
 # Settings that change the trajectory: resuming with different values would silently train something else.
-MUST_MATCH = ("rank", "alpha", "lr", "seed", "resolution", "optimizer", "gradient_accumulation", "noise_offset")
+MUST_MATCH = (
+    "rank",
+    "alpha",
+    "lr",
+    "seed",
+    "resolution",
+    "optimizer",
+    "gradient_accumulation",
+    "noise_offset",
+    "pure_noise",
+)
 
 
 @dataclass

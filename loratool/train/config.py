@@ -33,6 +33,7 @@ class TrainConfig:
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
     noise_offset: float = 0.0
+    pure_noise: float = 0.0  # fraction of steps trained from pure noise, as the sampler starts (copy mode)
     min_snr_gamma: float | None = None
     check_every: int | None = None  # None → steps // 10; 0 turns the copy check off
     check_seeds: int = 2
@@ -63,6 +64,8 @@ class TrainConfig:
             raise InputError(f"--alpha must be positive, not {self.alpha}.")
         if self.noise_offset < 0 or (self.min_snr_gamma is not None and self.min_snr_gamma <= 0):
             raise InputError("--noise-offset must be ≥ 0 and --min-snr-gamma > 0.")
+        if not 0 <= self.pure_noise < 1:
+            raise InputError(f"--pure-noise is a fraction of the steps in [0, 1), not {self.pure_noise}.")
         _one_of("--optimizer", self.optimizer, OPTIMIZERS)
         _one_of("--mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
         if self.quantize_base is not None:
@@ -143,6 +146,8 @@ class DreamboothConfig(TrainConfig):
                 f"--check-every/--stop-when-copied are copy-mode options; drop them with --mode {self.mode}."
             )
         self.check_every = 0
+        if self.pure_noise:
+            raise InputError(f"--pure-noise is a copy-mode option; drop it with --mode {self.mode}.")
         if self.mode == "dreambooth":
             if len(self.images) != 1:
                 raise InputError(f"--mode dreambooth takes one folder of instance images, got {len(self.images)}.")

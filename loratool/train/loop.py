@@ -157,7 +157,15 @@ def train_step(
             terms = {False: None, True: None}
             for batch in trainee.source.draw(generator):
                 losses = sample_losses(
-                    unet, sched, batch, generator, shard, encode, config.noise_offset, config.min_snr_gamma
+                    unet,
+                    sched,
+                    batch,
+                    generator,
+                    shard,
+                    encode,
+                    config.noise_offset,
+                    config.min_snr_gamma,
+                    pure_noise=config.pure_noise,
                 )
                 terms[batch.prior] = losses
             loss = prior_preservation_loss(terms[False], terms[True], prior_weight)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from loratool.train.batch import Batch
 
 Encoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # captions → (prompt_embeds, pooled)
+# SDXL samplers ("leading" spacing) take their first step at t ≈ 860–980 for 8–50 steps, from pure noise.
+PURE_NOISE_FROM = 850
 
 
 def sample_losses(
@@ -22,11 +24,13 @@ def sample_losses(
     noise_offset: float = 0.0,
     min_snr_gamma: float | None = None,
     timestep: int | None = None,
+    pure_noise: float = 0.0,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or velocity), one value per sample of our shard.
 
     Noise and timesteps are drawn for the whole global batch, then sharded: every process draws the same
     numbers, so N processes train exactly what one process would. A fixed `timestep` is for evaluation.
+    `pure_noise` is the fraction of samples trained the way the sampler starts (see `from_pure_noise`).
     """
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -38,10 +42,16 @@ def sample_losses(
         t = torch.randint(0, n, (latents.shape[0],), generator=generator, device=latents.device)
     else:
         t = torch.full((latents.shape[0],), timestep, device=latents.device)
+    pure = torch.zeros_like(t, dtype=torch.bool)
+    if pure_noise and timestep is None:
+        pure = torch.rand(t.shape, generator=generator, device=t.device) < pure_noise
+        n = sched.config.num_train_timesteps
+        start = torch.randint(PURE_NOISE_FROM, n, t.shape, generator=generator, device=t.device)
+        t = torch.where(pure, start, t)
     index, count = shard
-    batch, noise, t = batch.shard(index, count), noise[index::count], t[index::count]
+    batch, noise, t, pure = batch.shard(index, count), noise[index::count], t[index::count], pure[index::count]
     embeds, pooled = (batch.prompt_embeds, batch.pooled) if encode is None else encode(batch.captions)
-    noisy = sched.add_noise(batch.latents, noise, t)
+    noisy, noise = from_pure_noise(sched, batch.latents, noise, t, pure)
     cond = {"text_embeds": pooled, "time_ids": batch.time_ids}
     pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(batch.latents, noise, t)
@@ -49,6 +59,23 @@ def sample_losses(
     if min_snr_gamma:
         losses = losses * min_snr_weight(sched, t, min_snr_gamma)
     return losses
+
+
+def from_pure_noise(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, pure: torch.Tensor):
+    """(model input, noise the target is made of): the usual noising, except where `pure` is set.
+
+    SDXL's schedule ends at a non-zero SNR: at t=999 the training input still holds 7 % of the image, but the
+    sampler starts from noise that holds none. A copy LoRA then learns to read the image's colours off that
+    remnant and, at sampling, reads them off the seed's noise instead. Pure samples show the model exactly
+    what the sampler gives it (unit noise) and ask for the noise that makes its x0 estimate the image.
+    """
+    noisy = sched.add_noise(latents, noise, t)
+    if not pure.any():
+        return noisy, noise
+    ab = sched.alphas_cumprod.to(t.device)[t].to(latents.dtype).view(-1, 1, 1, 1)
+    implied = (noise - ab.sqrt() * latents) / (1 - ab).sqrt()
+    where = pure.view(-1, 1, 1, 1)
+    return torch.where(where, noise, noisy), torch.where(where, implied, noise)
 
 
 def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
