@@ -31,6 +31,7 @@ class DemoConfig:
     steps: int = 300
     rank: int = 8
     lr: float = 1e-3
+    pure_noise: float = 0.25  # without it the tiny latent's noise decides the copy's colour (see train.loss)
     sample_steps: int = 20
     force: bool = False
 
@@ -68,6 +69,7 @@ def _train(config: DemoConfig, image: Path, output: Path, base_loras: list[str] 
         alpha=float(config.rank),
         steps=config.steps,
         lr=config.lr,
+        pure_noise=config.pure_noise,
         resolution=128,
         check_every=max(1, config.steps // 3),
         check_seeds=2,
