@@ -215,3 +215,14 @@ def test_two_processes_train_what_one_process_trains(tiny_models, photos, tmp_pa
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     assert any(one[k].abs().sum() > 0 for k in one if "lora_up" in k)  # trained: not two identical inits
+
+
+def test_resume_refuses_a_checkpoint_trained_with_another_instance_prompt(tiny_models, photos, tmp_path, cli):
+    out = tmp_path / "dog.safetensors"
+    code, _, stderr = cli(*_db_args(tiny_models, photos, out, "--save-every", "1"))
+    assert code == 0, stderr
+    args = _db_args(tiny_models, photos, out, "--save-every", "1", "--resume", "--force")
+    args[args.index("--prompt") + 1] = "a photo of zwx cat"
+    code, _, stderr = cli(*args)
+    assert code == 1 and "was trained with prompt='a photo of sks dog'" in stderr, stderr
+    assert stderr.strip().count("\n") == 0

@@ -20,16 +20,11 @@ from loratool.files import atomic_path
 log = logging.getLogger(__name__)
 
 # Settings that change the trajectory: resuming with different values would silently train something else.
+# Dreambooth-only keys are absent (None == None) in copy mode; data_sha256 covers the image(s) themselves.
 MUST_MATCH = (
-    "rank",
-    "alpha",
-    "lr",
-    "seed",
-    "resolution",
-    "optimizer",
-    "gradient_accumulation",
-    "noise_offset",
-    "pure_noise",
+    *("rank", "alpha", "lr", "seed", "resolution", "optimizer", "gradient_accumulation", "noise_offset"),
+    *("pure_noise", "base_loras", "mode", "prompt", "class_prompt", "num_class_images", "prior_loss_weight"),
+    *("batch_size", "train_text_encoder", "data_sha256"),
 )
 
 
@@ -80,6 +75,10 @@ def load(folder: Path, model, optimizer, generator, settings: dict) -> TrainStat
         raise InputError(f"--resume: no checkpoint in {folder}; train with --save-every N to make some.")
     saved = json.loads((path / "state.json").read_text())
     for key in MUST_MATCH:
+        if key == "data_sha256" and saved["settings"].get(key) != settings.get(key):
+            raise InputError(
+                f"--resume: {path} was trained on other images or captions; remove {folder} to start over."
+            )
         if saved["settings"].get(key) != settings.get(key):
             raise InputError(
                 f"--resume: {path} was trained with {key}={saved['settings'].get(key)!r}, "
