@@ -388,8 +388,8 @@ def demo(
     config = verb.DemoConfig(
         output=output, concept=concept, recipe=recipe, steps=steps, seeds=parse_seeds(seeds), force=force
     )
-    summary = verb.run(config)
-    typer.echo(str(summary))
+    for line in verb.describe(verb.run(config)):
+        typer.echo(line)
 
 
 def main() -> None:

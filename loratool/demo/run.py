@@ -146,10 +146,36 @@ def run(config: DemoConfig) -> Path:
         "pair_attribute": {"plus": plus_value, "minus": minus_value},
         "slider": str(slider),
         "sweep": str(sweep_dir),
+        "copy_psnr_db": copy_psnr(config.output),
     } | measure_sweep(config, sweep_dir)
     with atomic_path(summary_path, force=True) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     return summary_path
+
+
+def copy_psnr(output: Path) -> dict:
+    """Each copy LoRA's last copy check (mean PSNR of empty-prompt renders vs its image), from its report."""
+    found = {}
+    for report in sorted(output.glob("*.report.json")):
+        checks = json.loads(report.read_text()).get("copy_checks") or []
+        if checks:
+            found[report.name.removesuffix(".report.json")] = round(checks[-1]["mean_psnr"], 2)
+    return found
+
+
+def describe(summary_path: Path) -> list[str]:
+    """Where everything is, one line each: what `loratool demo` prints."""
+    summary = json.loads(summary_path.read_text())
+    sweep = Path(summary["sweep"])
+    rho = summary["mean_spearman"]
+    return [
+        f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
+        "copy checks: " + ", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()),
+        f"slider: {summary['slider']}",
+        f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
+        f"mean Spearman (attribute vs scale): {'n/a' if rho is None else f'{rho:.3f}'}",
+        str(summary_path),
+    ]
 
 
 def _measure_file(path: Path, concept: str) -> float:
