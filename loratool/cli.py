@@ -379,6 +379,9 @@ def demo(
     recipe: Annotated[int, typer.Option("--recipe", help="2: train both, merge A:1 B:-1. 1: train B on A.")] = 2,
     steps: Annotated[int, typer.Option("--steps", help="Copy-machine steps per LoRA.")] = 300,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the sweep.")] = "0,1,2,3",
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Prompt of the sweep (default: the pair's scene minus the concept).")
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Train a slider on the embedded demo model and render it, offline, in minutes."""
@@ -386,7 +389,13 @@ def demo(
     from loratool.sample import parse_seeds
 
     config = verb.DemoConfig(
-        output=output, concept=concept, recipe=recipe, steps=steps, seeds=parse_seeds(seeds), force=force
+        output=output,
+        concept=concept,
+        recipe=recipe,
+        steps=steps,
+        seeds=parse_seeds(seeds),
+        prompt=prompt,
+        force=force,
     )
     for line in verb.describe(verb.run(config)):
         typer.echo(line)

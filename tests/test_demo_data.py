@@ -52,6 +52,17 @@ def test_captions_use_only_single_token_words():
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
 
 
+@pytest.mark.parametrize("concept", shapes.CONCEPTS)
+def test_the_sweep_context_is_the_pairs_shared_caption_without_the_concept(concept):
+    _, _, minus, plus = shapes.concept_pair(concept, seed=3)
+    context = minus.caption_without(concept)
+    assert context == plus.caption_without(concept)
+    dropped = set(minus.caption.split()) - set(context.split())
+    differing = set(minus.caption.split()) ^ set(plus.caption.split())
+    assert differing and differing - set(plus.caption.split()) <= dropped  # the minus image's concept words
+    assert context.split()[0] == "a" and minus.shape in context.split()
+
+
 def test_every_tiny_word_is_one_token():
     """Regression: words sharing pieces with earlier ones ("green" after "red") used to split into 4 tokens."""
     from loratool.sdxl.tiny import DEFAULT_WORDS, build_tokenizer

@@ -40,7 +40,11 @@ def recipe1(tmp_path_factory):
 def test_demo_command_writes_the_whole_workflow_and_prints_where(recipe2):
     stdout, summary, out = recipe2
     assert stdout.strip().endswith(str(out / "demo.json"))
-    assert f"slider: {out / 'slider.safetensors'}" in stdout and "copy checks: copy_minus" in stdout
+    assert (
+        f"slider: {out / 'slider.safetensors'}" in stdout
+        and summary["sweep_prompt"] == "a blue triangle on the left"
+        and "copy checks: copy_minus" in stdout
+    )
     assert set(summary["copy_psnr_db"]) == {"copy_minus", "copy_plus"}
     for name in (
         "pair_plus.png",

@@ -33,6 +33,7 @@ class DemoConfig:
     lr: float = 1e-3
     pure_noise: float = 0.25  # without it the tiny latent's noise decides the copy's colour (see train.loss)
     sample_steps: int = 20
+    prompt: str | None = None  # of the sweep; None: the pair's caption without the concept's words
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -42,6 +43,15 @@ class DemoConfig:
             raise InputError(f"--recipe must be 1 (merge-then-train) or 2 (train both, subtract), not {self.recipe}.")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, not {self.steps}.")
+
+    def sweep_prompt(self) -> str:
+        """A slider is used inside a prompt: by default the scene of the pair minus the concept's words, e.g.
+        "a blue triangle on the left" for size (measured: size Spearman 0.99 over 8 seeds, 0.93 with "")."""
+        if self.prompt is not None:
+            return self.prompt
+        from loratool.demo.shapes import concept_pair
+
+        return concept_pair(self.concept, self.pair_seed)[2].caption_without(self.concept)
 
 
 def write_pair(config: DemoConfig) -> tuple[Path, Path, dict]:
@@ -131,6 +141,7 @@ def run(config: DemoConfig) -> Path:
         sample.SampleConfig(
             output=sweep_dir,
             loras=[str(slider)],
+            prompt=config.sweep_prompt(),
             scales=config.scales,
             seeds=config.seeds,
             steps=config.sample_steps,
@@ -146,6 +157,7 @@ def run(config: DemoConfig) -> Path:
         "pair_attribute": {"plus": plus_value, "minus": minus_value},
         "slider": str(slider),
         "sweep": str(sweep_dir),
+        "sweep_prompt": config.sweep_prompt(),
         "copy_psnr_db": copy_psnr(config.output),
     } | measure_sweep(config, sweep_dir)
     with atomic_path(summary_path, force=True) as tmp:
@@ -171,7 +183,7 @@ def describe(summary_path: Path) -> list[str]:
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
         "copy checks: " + ", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()),
-        f"slider: {summary['slider']}",
+        f"slider: {summary['slider']}  (swept in the prompt {summary['sweep_prompt']!r})",
         f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
         f"mean Spearman (attribute vs scale): {'n/a' if rho is None else f'{rho:.3f}'}",
         str(summary_path),

@@ -38,8 +38,13 @@ class Scene:
 
     @property
     def caption(self) -> str:
+        return self.caption_without(None)
+
+    def caption_without(self, concept: str | None) -> str:
+        """The caption minus one attribute's words: the context in which a slider of that concept is swept."""
         where = "in the center" if self.position == "center" else f"on the {self.position}"
-        text = f"a {self.size} {self.colour} {self.shape} {where}"
+        words = {"size": self.size, "colour": self.colour, "shape": self.shape, "position": where}
+        text = " ".join(["a", *(w for k, w in words.items() if k != concept)])
         return text if self.background == "white" else f"{text} with a {self.background} background"
 
     @property
