@@ -151,22 +151,13 @@ def train_step(
     """One optimizer step over `gradient_accumulation` draws of batches and noise; returns the mean loss."""
     shard = (accelerator.process_index, accelerator.num_processes)
     sched, prior_weight = trainee.noise_scheduler, getattr(config, "prior_loss_weight", 1.0)
+    noising = dict(noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma, pure_noise=config.pure_noise)
     total = 0.0
     for _ in range(config.gradient_accumulation):
         with accelerator.accumulate(unet):
             terms = {False: None, True: None}
             for batch in trainee.source.draw(generator):
-                losses = sample_losses(
-                    unet,
-                    sched,
-                    batch,
-                    generator,
-                    shard,
-                    encode,
-                    config.noise_offset,
-                    config.min_snr_gamma,
-                    pure_noise=config.pure_noise,
-                )
+                losses = sample_losses(unet, sched, batch, generator, shard, encode, **noising)
                 terms[batch.prior] = losses
             loss = prior_preservation_loss(terms[False], terms[True], prior_weight)
             accelerator.backward(loss)

@@ -45,7 +45,6 @@ def sample_losses(
     pure = torch.zeros_like(t, dtype=torch.bool)
     if pure_noise and timestep is None:
         pure = torch.rand(t.shape, generator=generator, device=t.device) < pure_noise
-        n = sched.config.num_train_timesteps
         start = torch.randint(PURE_NOISE_FROM, n, t.shape, generator=generator, device=t.device)
         t = torch.where(pure, start, t)
     index, count = shard
