@@ -31,7 +31,7 @@ class DemoConfig:
     steps: int = 300
     rank: int = 8
     lr: float = 1e-3
-    pure_noise: float = 0.25  # without it the tiny latent's noise decides the copy's colour (see train.loss)
+    pure_noise: float = 0.25  # without it the seed's noise picks the copy's colour (see train.loss)
     sample_steps: int = 20
     prompt: str | None = None  # of the sweep; None: the pair's caption without the concept's words
     force: bool = False
