@@ -136,12 +136,12 @@ def run(config: DemoConfig) -> Path:
     plus, minus, scenes = write_pair(config)
     log.info("concept pair (%s): %s vs %s", config.concept, plus.name, minus.name)
     slider = make_slider(config, plus, minus)
-    sweep_dir = config.output / "sweep"
+    sweep_dir, prompt = config.output / "sweep", config.sweep_prompt()
     sample.run(
         sample.SampleConfig(
             output=sweep_dir,
             loras=[str(slider)],
-            prompt=config.sweep_prompt(),
+            prompt=prompt,
             scales=config.scales,
             seeds=config.seeds,
             steps=config.sample_steps,
@@ -157,7 +157,7 @@ def run(config: DemoConfig) -> Path:
         "pair_attribute": {"plus": plus_value, "minus": minus_value},
         "slider": str(slider),
         "sweep": str(sweep_dir),
-        "sweep_prompt": config.sweep_prompt(),
+        "sweep_prompt": prompt,
         "copy_psnr_db": copy_psnr(config.output),
     } | measure_sweep(config, sweep_dir)
     with atomic_path(summary_path, force=True) as tmp:
