@@ -27,18 +27,38 @@ def _outside(scene_a: shapes.Scene, scene_b: shapes.Scene) -> np.ndarray:
 
 
 @pytest.mark.parametrize("concept", shapes.CONCEPTS)
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_pair_differs_in_exactly_one_attribute(concept, seed):
     img_a, img_b, scene_a, scene_b = shapes.concept_pair(concept, seed)
     fa, fb = asdict(scene_a), asdict(scene_b)
-    assert [k for k in fa if fa[k] != fb[k]] == [concept]
+    assert [k for k in fa if fa[k] != fb[k]] == [shapes.FIELD[concept]]
     pa, pb = np.asarray(img_a), np.asarray(img_b)
     outside = _outside(scene_a, scene_b)
     assert (pa[outside] == pb[outside]).all(), "pixels outside the shapes must be identical"
     assert (pa != pb).any(axis=-1).sum() > 100
+    for scene in (scene_a, scene_b):  # both shapes whole inside the frame
+        x0, y0, x1, y1 = scene.box
+        assert x0 >= 0 and y0 >= 0 and x1 < shapes.SIZE and y1 < shapes.SIZE, scene
     lo, hi = shapes.measure(img_a, concept), shapes.measure(img_b, concept)
-    margin = {"size": 500, "colour": 150, "position": 40}[concept]
-    assert hi - lo > margin, (concept, lo, hi)
+    gap = abs(shapes.hue_difference(lo, hi)) if concept == "colour" else abs(hi - lo)
+    assert gap > {"size": 400, "colour": 80, "position": 35}[concept], (concept, lo, hi)
+    assert shapes.progress(lo, concept, lo, hi) == 0.0 and shapes.progress(hi, concept, lo, hi) == 1.0
+
+
+def test_pairs_go_both_ways_and_vary_the_scene():
+    pairs = [shapes.concept_pair(c, seed)[2:] for c in shapes.CONCEPTS for seed in range(12)]
+    ups = [getattr(b, shapes.FIELD[c]) > getattr(a, shapes.FIELD[c]) for c, (a, b) in zip(
+        [c for c in shapes.CONCEPTS for _ in range(12)], pairs, strict=True)]
+    assert 0 < sum(ups) < len(ups)
+    assert len({a.shape for a, _ in pairs}) == 3 and len({a.colour for a, _ in pairs}) >= 4
+
+
+@pytest.mark.parametrize("value", [0.0, 0.25, 0.5, 1.0, 1.5, -0.5])
+def test_progress_is_zero_at_minus_one_at_plus_and_linear_between(value):
+    assert shapes.progress(10 + value * 20, "size", 10, 30) == pytest.approx(value)
+    assert shapes.progress(90 - value * 40, "position", 90, 50) == pytest.approx(value)
+    # hue along the shorter arc: red (0) → purple (280) passes through 320, not through green
+    assert shapes.progress((0 - value * 80) % 360, "colour", 0.0, 280.0) == pytest.approx(value)
 
 
 def test_captions_use_only_single_token_words():
@@ -52,15 +72,37 @@ def test_captions_use_only_single_token_words():
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
 
 
+def test_captions_leave_words_out_at_random_and_never_name_an_unclear_value():
+    scenes = [shapes.scene_for(1, i) for i in range(2000)]
+    for attribute in shapes.ATTRIBUTES:
+        named = np.mean([attribute in s.named_in_caption for s in scenes])
+        assert 0.4 < named < 0.9, (attribute, named)
+    assert 0.0 < np.mean([s.caption == "" for s in scenes]) < 0.05
+    assert np.mean([len(s.named_in_caption) == len(shapes.ATTRIBUTES) for s in scenes]) > 0.1
+    for scene in scenes[:300]:  # a named word is what describe() reads back from the drawn image
+        seen = shapes.describe(shapes.render(scene))
+        for attribute in scene.named_in_caption:
+            assert getattr(seen, attribute) == getattr(scene, attribute), (scene, attribute)
+
+
+def test_attributes_are_continuous():
+    scenes = [shapes.scene_for(2, i, drop_words=False) for i in range(500)]
+    for field, low, high in (("radius", 10, 34), ("cx", 24, 104), ("hue", 0, 360)):
+        values = np.array([getattr(s, field) for s in scenes])
+        assert values.min() < low + 3 and values.max() > high - 3, field
+        assert len(np.unique(values.round(1))) > 100, field  # not a handful of modes
+
+
 @pytest.mark.parametrize("concept", shapes.CONCEPTS)
 def test_the_sweep_context_is_the_pairs_shared_caption_without_the_concept(concept):
-    _, _, minus, plus = shapes.concept_pair(concept, seed=3)
-    context = minus.caption_without(concept)
-    assert context == plus.caption_without(concept)
-    dropped = set(minus.caption.split()) - set(context.split())
-    differing = set(minus.caption.split()) ^ set(plus.caption.split())
-    assert differing and differing - set(plus.caption.split()) <= dropped  # the minus image's concept words
-    assert context.split()[0] == "a" and minus.shape in context.split()
+    for seed in range(6):
+        _, _, minus, plus = shapes.concept_pair(concept, seed)
+        context = minus.caption_without(concept)
+        assert context == plus.caption_without(concept)
+        concept_words = {"size": {"small", "large"}, "colour": set(shapes.COLOURS),
+                         "position": {"left", "right", "center"}}[concept]  # fmt: skip
+        assert not concept_words & set(context.split())
+        assert context.split()[0] == "a" and minus.shape in context.split()
 
 
 def test_every_tiny_word_is_one_token():
@@ -76,9 +118,11 @@ def test_every_tiny_word_is_one_token():
 def test_describe_recovers_what_was_drawn():
     images, scenes = shapes.render_many(300, seed=11, backgrounds=tuple(shapes.BACKGROUNDS))
     seen = [shapes.describe(img) for img in images]
-    for attribute in ("colour", "position", "size", "shape"):
-        rate = np.mean([getattr(d, attribute) == getattr(s, attribute) for d, s in zip(seen, scenes, strict=True)])
-        assert rate >= 0.95, (attribute, rate)
+    pairs = list(zip(seen, scenes, strict=True))
+    assert np.mean([d.shape == s.shape for d, s in pairs]) >= 0.95
+    assert max(abs(shapes.hue_difference(d.hue, s.hue)) for d, s in pairs) < 6
+    assert max(abs(d.cx - s.cx) for d, s in pairs) < 1.5
+    assert max(abs(d.radius - s.radius) for d, s in pairs) < 1.5
 
 
 def test_normalised_latents_decode_the_same_and_have_unit_scale():

@@ -1,9 +1,12 @@
 """Build the embedded demo model: a small SDXL-architecture base + refiner trained on generated shapes.
 
     python -m loratool.demo.build --out DIR --device cuda --minutes 8
+    python -m loratool.demo.build --out DIR --device cpu --start-from demo --steps 300,2000,400 --batch 32
 
 Stages: generate scenes → VAE → normalise latents to SDXL's scaling factor → cache latents and caption
 embeddings → base UNet → refiner UNet (low-noise end) → save `DIR/base` and `DIR/refiner` in fp16.
+`--start-from` fine-tunes an existing demo model (`demo`: the shipped one) instead of a seeded init, which is
+how a new version of the data reaches the model on a CPU.
 The two text encoders stay at their seeded random init: frozen, they still give every caption its own embedding,
 the copy machine and sliders train the UNet only, and there is nothing for them to learn that the UNet's
 cross-attention cannot. Reproducible with `--steps` on the same device (bitwise on CPU).
@@ -60,6 +63,8 @@ class BuildConfig:
     unet_lr: float = 5e-4
     log_every: int = 100
     spec: TinySpec = field(default_factory=lambda: DEMO_SPEC)
+    start_from: str | None = None  # a demo model folder (base/, refiner/) or "demo": fine-tune it
+    vae_crop: int = 0  # train the VAE on random crops of this size (0: whole images)
 
     def budget(self, stage: str) -> Budget:
         index = list(STAGE_SHARES).index(stage)
@@ -94,13 +99,34 @@ def conditioning(pipe, captions: list[str], time_ids: list[float], dropped_time_
 
 
 def prepare_models(cfg: BuildConfig):
-    """Seeded tiny pipelines at the demo widths; text encoders rounded to fp16 now, as they will be shipped."""
-    base, refiner = build_tiny_pipelines(replace(cfg.spec, sample_size=cfg.size), seed=cfg.seed)
+    """Seeded tiny pipelines at the demo widths (or the model to fine-tune), in fp32 for training.
+
+    Text encoders are rounded to fp16 now, as they will be shipped.
+    """
+    if cfg.start_from is not None:
+        base, refiner = _load(cfg.start_from)
+    else:
+        base, refiner = build_tiny_pipelines(replace(cfg.spec, sample_size=cfg.size), seed=cfg.seed)
     base.register_to_config(force_zeros_for_empty_prompt=False)  # negative = "", which dropout trains
     for te in (base.text_encoder, base.text_encoder_2):
         te.to(torch.float16).to(torch.float32)
     base.to(cfg.device)
     refiner.unet.to(cfg.device)
+    return base, refiner
+
+
+def _load(source: str):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from loratool.sdxl.models import resolve_alias
+
+    if source == "demo":
+        folders = [Path(resolve_alias(source)), Path(resolve_alias(source, refiner=True))]
+    else:
+        folders = [Path(source) / "base", Path(source) / "refiner"]
+    base = StableDiffusionXLPipeline.from_pretrained(folders[0], torch_dtype=torch.float32)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders[1], torch_dtype=torch.float32)
+    refiner.vae, refiner.text_encoder_2 = base.vae, base.text_encoder_2  # shared, as build_tiny_pipelines does
     return base, refiner
 
 
@@ -113,9 +139,12 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
     held_out, _ = generate(min(256, cfg.images), cfg.seed + 1, cfg.size)
     report["data_seconds"] = round(data_clock.elapsed(), 1)
     images, held_out = images.to(cfg.device), held_out.to(cfg.device)
+    if cfg.start_from is not None:  # the baseline a fine-tune is judged against
+        report["vae_psnr_db_before"] = round(psnr(base.vae, held_out), 2)
     budget = cfg.budget("vae")
     report["vae_steps"], report["vae_loss"] = train_vae(
-        base.vae, images, batch=cfg.vae_batch, lr=cfg.vae_lr, budget=budget, seed=cfg.seed, log_every=cfg.log_every
+        base.vae, images, batch=cfg.vae_batch, lr=cfg.vae_lr, budget=budget, seed=cfg.seed, log_every=cfg.log_every,
+        crop=cfg.vae_crop,
     )
     report["vae_seconds"] = round(budget.elapsed(), 1)
     report["latent_mean"], report["latent_std"] = normalise_latents(base.vae, images[:1024])
@@ -191,13 +220,19 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--images", type=int, default=20_000, help="generated training scenes")
     p.add_argument("--size", type=int, default=128, help="training resolution (px); the demo ships at 128")
     p.add_argument("--batch", type=int, default=128, help="UNet batch (the VAE uses half)")
+    p.add_argument("--start-from", default=None, help="fine-tune this demo model folder ('demo': the shipped one)")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--vae-crop", type=int, default=0, help="train the VAE on random crops of this size (px)")
+    p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     steps = tuple(int(s) for s in a.steps.split(",")) if a.steps else None
     if steps is not None and len(steps) != 3:
         p.error("--steps takes three numbers: VAE,BASE,REFINER")
     return BuildConfig(
         out=a.out, device=a.device, minutes=a.minutes, steps=steps, seed=a.seed, images=a.images, size=a.size,
-        vae_batch=max(a.batch // 2, 1), unet_batch=a.batch,
+        vae_batch=max(a.batch // 2, 1), unet_batch=a.batch, start_from=a.start_from,
+        vae_lr=a.vae_lr, unet_lr=a.unet_lr, vae_crop=a.vae_crop, log_every=a.log_every,
     )  # fmt: skip
 
 

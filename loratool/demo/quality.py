@@ -1,15 +1,16 @@
-"""Do demo renders agree with their captions? Colour, horizontal position and size, read back by `describe`.
+"""Do demo renders agree with their captions? Colour, horizontal position, size and shape, read back by `describe`.
 
     python -m loratool.demo.quality --model DIR/base --refiner DIR/refiner [--sheet sheet.png]
 
-Prints one JSON line: agreement rates per attribute, `agreement` (colour, position and size all right; target
-≥ 0.8) and `empty_prompt_sane` (renders of "" that show one shape of a plausible size on a plain background,
-what copy-machine training starts from).
+Prints one JSON line: agreement per attribute with full captions (`full`) and with partial ones (`partial`,
+counted over the attributes each caption names), `agreement` (colour, position and size all right on full
+captions), `varies` (for prompts that leave an attribute out, the share whose seeds render more than one value
+of it: a model that always draws the same size for "a red circle" has nothing for a size slider to move), and
+`empty_prompt_sane` (renders of "" that show one plausible shape, what copy-machine training starts from).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import sys
@@ -35,11 +36,16 @@ class Render:
     batch: int = 16
 
 
-def check_scenes(n: int, seed: int = 0) -> list[shapes.Scene]:
-    """n distinct white-background scenes (all 72 combinations, shuffled by `seed`, repeated if n > 72)."""
-    combos = list(itertools.product(shapes.SHAPES, shapes.COLOURS, shapes.RADII, shapes.CENTRES_X))
-    order = np.random.default_rng(seed).permutation(len(combos))
-    return [shapes.Scene(*combos[order[i % len(combos)]]) for i in range(n)]
+def check_scenes(n: int, seed: int = 0, partial: bool = False) -> list[shapes.Scene]:
+    """n random scenes whose captions name every attribute, or (`partial`) some but not all of them."""
+    found, index = [], 0
+    while len(found) < n:
+        scene = shapes.scene_for(10_000 + seed, index, drop_words=partial)
+        index += 1
+        named = len(scene.named_in_caption)
+        if (partial and 0 < named < len(shapes.ATTRIBUTES)) or (not partial and named == len(shapes.ATTRIBUTES)):
+            found.append(scene)
+    return found
 
 
 def render(base, refiner, prompts: list[str], seeds: list[int], cfg: Render) -> list[Image.Image]:
@@ -66,15 +72,27 @@ def _at_128(image: Image.Image) -> Image.Image:
 
 
 def agreement(images: list[Image.Image], scenes: list[shapes.Scene]) -> dict:
-    """Per-attribute agreement rates and the rate at which colour, position and size are all right."""
-    hits = {a: 0 for a in ATTRIBUTES} | {"agreement": 0}
+    """Per attribute, the share of renders whose caption names it that show it; plus colour+position+size."""
+    hits = {a: [] for a in ATTRIBUTES} | {"agreement": []}
     for image, scene in zip(images, scenes, strict=True):
         seen = shapes.describe(_at_128(image))
-        right = {a: getattr(seen, a) == getattr(scene, a) for a in ATTRIBUTES}
-        for a in ATTRIBUTES:
-            hits[a] += right[a]
-        hits["agreement"] += right["colour"] and right["position"] and right["size"]
-    return {k: round(v / max(len(scenes), 1), 3) for k, v in hits.items()}
+        right = {a: getattr(seen, a) == getattr(scene, a) for a in scene.named_in_caption}
+        for a, ok in right.items():
+            hits[a].append(ok)
+        if len(right) == len(ATTRIBUTES):
+            hits["agreement"].append(right["colour"] and right["position"] and right["size"])
+    return {k: round(float(np.mean(v)), 3) if v else None for k, v in hits.items()}
+
+
+def variation(images: list[Image.Image], scenes: list[shapes.Scene], seeds: int) -> dict:
+    """Per attribute left out of a prompt: the share of prompts whose `seeds` renders show 2+ of its words."""
+    varied = {a: [] for a in ("colour", "position", "size")}
+    for i in range(0, len(scenes), seeds):
+        seen = [shapes.describe(_at_128(image)) for image in images[i : i + seeds]]
+        for a in varied:
+            if a not in scenes[i].named_in_caption:
+                varied[a].append(len({getattr(d, a) for d in seen if d.shape is not None}) > 1)
+    return {a: round(float(np.mean(v)), 3) if v else None for a, v in varied.items()}
 
 
 def sane(image: Image.Image) -> bool:
@@ -92,15 +110,22 @@ def contact_sheet(images: list[Image.Image], columns: int = 12) -> Image.Image:
 
 
 def check(base, refiner, prompts: int = 24, seeds: int = 2, empty: int = 8, cfg: Render = Render()):
-    """(report, images): `prompts` captions × `seeds` seeds, plus `empty` renders of the empty prompt."""
-    scenes = [s for s in check_scenes(prompts) for _ in range(seeds)]
-    seed_list = [k for _ in range(prompts) for k in range(seeds)]
-    images = render(base, refiner, [s.caption for s in scenes], seed_list, cfg)
+    """(report, images): full and partial captions, `prompts` each × `seeds` seeds, plus `empty` renders of ""."""
+    report, everything = {}, []
+    for kind in ("full", "partial"):
+        scenes = [s for s in check_scenes(prompts, partial=kind == "partial") for _ in range(seeds)]
+        seed_list = [k for _ in range(prompts) for k in range(seeds)]
+        images = render(base, refiner, [s.caption for s in scenes], seed_list, cfg)
+        report[kind] = agreement(images, scenes)
+        if kind == "partial":
+            report["varies"] = variation(images, scenes, seeds)
+        everything += images
     blank = render(base, refiner, [""] * empty, list(range(empty)), cfg)
-    report = agreement(images, scenes)
+    report["agreement"] = report["full"].pop("agreement")
+    report["partial"].pop("agreement")
     report["empty_prompt_sane"] = round(sum(map(sane, blank)) / max(empty, 1), 3)
-    report["renders"] = len(images) + len(blank)
-    return report, images + blank
+    report["renders"] = len(everything) + len(blank)
+    return report, everything + blank
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="the demo base folder")
     p.add_argument("--refiner", default=None, help="the demo refiner folder (omit for base only)")
     p.add_argument("--prompts", type=int, default=24)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (2+ to see what varies)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--device", default=None)

@@ -109,20 +109,20 @@ def make_slider(config: DemoConfig, plus: Path, minus: Path) -> Path:
     return out / "slider.safetensors"
 
 
-def measure_sweep(config: DemoConfig, sweep_dir: Path) -> dict:
-    """The pair's attribute on every render; per seed its Spearman correlation with the slider scale."""
+def measure_sweep(config: DemoConfig, sweep_dir: Path, pair: tuple[float, float]) -> dict:
+    """The concept on every render on the pair's own scale, per seed and summarised (see demo.evaluation)."""
     from PIL import Image
 
-    from loratool.demo.shapes import measure
-    from loratool.sweep import image_name, scale_labels, spearman
+    from loratool.demo.evaluation import evaluate
+    from loratool.sweep import image_name, scale_labels
 
-    labels = scale_labels(config.scales)
-    rows = {}
-    for seed in config.seeds:
-        values = [measure(Image.open(sweep_dir / image_name(seed, label)), config.concept) for label in labels]
-        rows[str(seed)] = {"attribute": values, "spearman": spearman(config.scales, values)}
-    rhos = [r["spearman"] for r in rows.values() if r["spearman"] is not None]
-    return {"per_seed": rows, "mean_spearman": sum(rhos) / len(rhos) if rhos else None}
+    names = dict(zip(config.scales, scale_labels(config.scales), strict=True))
+    images = {
+        (seed, s): Image.open(sweep_dir / image_name(seed, names[s])).convert("RGB")
+        for seed in config.seeds
+        for s in config.scales
+    }
+    return evaluate(images, config.scales, config.seeds, config.concept, pair)
 
 
 def run(config: DemoConfig) -> Path:
@@ -150,7 +150,7 @@ def run(config: DemoConfig) -> Path:
             force=config.force,
         )
     )
-    plus_value, minus_value = (_measure_file(p, config.concept) for p in (plus, minus))
+    minus_value, plus_value = (_measure_file(p, config.concept) for p in (minus, plus))
     summary = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "pair": scenes,
@@ -159,7 +159,8 @@ def run(config: DemoConfig) -> Path:
         "sweep": str(sweep_dir),
         "sweep_prompt": prompt,
         "copy_psnr_db": copy_psnr(config.output),
-    } | measure_sweep(config, sweep_dir)
+        "slider_quality": measure_sweep(config, sweep_dir, (minus_value, plus_value)),
+    }
     with atomic_path(summary_path, force=True) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     return summary_path
@@ -179,13 +180,16 @@ def describe(summary_path: Path) -> list[str]:
     """Where everything is, one line each: what `loratool demo` prints."""
     summary = json.loads(summary_path.read_text())
     sweep = Path(summary["sweep"])
-    rho = summary["mean_spearman"]
+    q = summary["slider_quality"]["summary"]
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
         "copy checks: " + ", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()),
         f"slider: {summary['slider']}  (swept in the prompt {summary['sweep_prompt']!r})",
         f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
-        f"mean Spearman (attribute vs scale): {'n/a' if rho is None else f'{rho:.3f}'}",
+        f"{summary['config']['concept']} vs scale over {len(summary['config']['seeds'])} seeds: mean Spearman "
+        f"{q['mean_spearman']:.3f}, largest jump {q['mean_glide']:.2f} of the change (even: "
+        f"{1 / max(len(summary['config']['scales']) - 1, 1):.2f}), -1 to +1 spans {q['span']:.2f} of the pair, "
+        f"other attributes kept on {q['kept']:.0%} of renders",
         str(summary_path),
     ]
 
@@ -195,4 +199,4 @@ def _measure_file(path: Path, concept: str) -> float:
 
     from loratool.demo.shapes import measure
 
-    return measure(Image.open(path), concept)
+    return measure(Image.open(path).convert("RGB"), concept)

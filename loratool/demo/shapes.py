@@ -1,8 +1,10 @@
 """Seeded scenes of one flat shape on a plain background, their captions, concept pairs and measurements.
 
-Simple on purpose: a ~3 M-parameter UNet must learn them in minutes. Every caption word is a single token of
-the tiny tokenizer (`loratool.sdxl.tiny.DEFAULT_WORDS`). Shapes are drawn at 4x and box-filtered down, so
-edges are anti-aliased (easier for a x8 VAE) and rendering stays deterministic.
+Version 2: size, place and hue are continuous, so a slider has in-between states to glide through; captions
+name them in binned words (small/large, left/center/right, the nearest of six colour names) and leave each
+word out at random, so the model also learns what to draw for a word left out. Every caption word is one
+token of the tiny tokenizer (`loratool.sdxl.tiny.DEFAULT_WORDS`). Shapes are drawn at 4x and box-filtered
+down, so edges are anti-aliased (easier for a x8 VAE) and rendering stays deterministic.
 """
 
 from __future__ import annotations
@@ -16,25 +18,85 @@ from PIL import Image, ImageDraw
 SIZE = 128
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+COLOURS = {"red": 0.0, "yellow": 55.0, "green": 120.0, "blue": 225.0, "purple": 280.0}  # hue, degrees
+SATURATION, VALUE = 0.8, 0.85  # every hue as bright: a colour slider changes hue, not lightness
 BACKGROUNDS = {"white": (255, 255, 255), "black": (24, 24, 24)}
-RADII = {"small": 14, "large": 30}  # half the side of the bounding square, at SIZE px
-CENTRES_X = {"left": 34, "center": 64, "right": 94}
-JITTER = 4  # px of random offset in x and y, and of radius
+RADIUS = (10.0, 34.0)  # half the side of the bounding square, px at SIZE
+CENTRE_X = (24.0, 104.0)
+CENTRE_Y = (48.0, 80.0)
+MARGIN = 2.0  # px between a shape and the frame
+# Words for continuous values. Reading an image back (`describe`) splits at the midpoints; a caption names a
+# value only when it is clear of them (radius ≤ 19 small, ≥ 25 large; x ≤ 46 left, 56–72 center, ≥ 82 right;
+# hue within 8° of half-way to the next name), so no caption contradicts what `describe` would read.
+LARGE_FROM = 22.0
+LEFT_BELOW, RIGHT_FROM = 51.0, 77.0
+CLEAR = {"size": 3.0, "position": 5.0, "colour": 8.0}
+ATTRIBUTES = ("size", "colour", "shape", "position")  # in caption order
 CONCEPTS = ("size", "colour", "position")
-SMALL_LARGE_AREA = 1300  # px: between the largest small shape (~1,000) and the smallest large one (~1,570)
+FIELD = {"size": "radius", "colour": "hue", "position": "cx"}  # the Scene field each concept changes
+KEEP_WORD = {"size": 0.8, "colour": 0.8, "shape": 0.85, "position": 0.8}  # chance a caption names it
+ANCHOR_SHARE = 0.3  # of scenes drawn exactly at a named hue, so the names stay sharp
+AREA_PER_RADIUS2 = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
+PAIR_GAP = {"size": 12.0, "colour": 90.0, "position": 40.0}  # least difference of a concept pair
+
+
+def hue_name(hue: float) -> str:
+    """The colour name whose hue is nearest on the circle."""
+    return min(COLOURS, key=lambda name: abs(hue_difference(COLOURS[name], hue)))
+
+
+def hue_difference(a: float, b: float) -> float:
+    """b − a along the shorter arc, in (−180, 180]."""
+    d = (b - a) % 360.0
+    return d - 360.0 if d > 180.0 else d
+
+
+def _clear_of_boundaries(attribute: str, value: float) -> bool:
+    if attribute == "size":
+        return abs(value - LARGE_FROM) >= CLEAR["size"]
+    if attribute == "position":
+        return min(abs(value - LEFT_BELOW), abs(value - RIGHT_FROM)) >= CLEAR["position"]
+    names = sorted(COLOURS.values())
+    halfway = [(a + (b - a) / 2) % 360 for a, b in zip(names, names[1:] + [names[0] + 360], strict=True)]
+    return min(abs(hue_difference(h, value)) for h in halfway) >= CLEAR["colour"]
+
+
+def rgb(hue: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((hue % 360.0) / 360.0, SATURATION, VALUE)
+    return round(255 * r), round(255 * g), round(255 * b)
 
 
 @dataclass(frozen=True)
 class Scene:
     shape: str
-    colour: str
-    size: str
-    position: str
+    hue: float  # degrees
+    radius: float  # px
+    cx: float  # centre, px
+    cy: float
     background: str = "white"
-    dx: int = 0  # jitter of the centre, px
-    dy: int = 0
-    dr: int = 0  # jitter of the radius, px
+    named: tuple[str, ...] = ATTRIBUTES  # the attributes the caption names
+
+    @property
+    def colour(self) -> str:
+        return hue_name(self.hue)
+
+    @property
+    def size(self) -> str:
+        return "large" if self.radius >= LARGE_FROM else "small"
+
+    @property
+    def position(self) -> str:
+        return "left" if self.cx < LEFT_BELOW else "right" if self.cx >= RIGHT_FROM else "center"
+
+    @property
+    def nameable(self) -> tuple[str, ...]:
+        """The attributes whose value is clear of the word boundaries, so a caption may name them."""
+        values = {"size": self.radius, "colour": self.hue, "position": self.cx}
+        return tuple(a for a in ATTRIBUTES if a == "shape" or _clear_of_boundaries(a, values[a]))
+
+    @property
+    def named_in_caption(self) -> tuple[str, ...]:
+        return tuple(a for a in self.named if a in self.nameable)
 
     @property
     def caption(self) -> str:
@@ -44,51 +106,43 @@ class Scene:
         """The caption minus one attribute's words: the context in which a slider of that concept is swept."""
         where = "in the center" if self.position == "center" else f"on the {self.position}"
         words = {"size": self.size, "colour": self.colour, "shape": self.shape, "position": where}
-        text = " ".join(["a", *(w for k, w in words.items() if k != concept)])
+        kept = [w for k, w in words.items() if k in self.named_in_caption and k != concept]
+        if not kept:
+            return ""
+        text = " ".join(["a", *kept])
         return text if self.background == "white" else f"{text} with a {self.background} background"
 
     @property
     def box(self) -> tuple[int, int, int, int]:
         """Bounding box (x0, y0, x1, y1) in output pixels, inclusive of anti-aliased edges."""
-        cx, cy, r = CENTRES_X[self.position] + self.dx, SIZE // 2 + self.dy, RADII[self.size] + self.dr
-        return cx - r - 1, cy - r - 1, cx + r + 1, cy + r + 1
+        r = self.radius
+        return int(self.cx - r) - 1, int(self.cy - r) - 1, int(self.cx + r) + 1, int(self.cy + r) + 1
 
 
-@dataclass(frozen=True)
-class Description:
-    """What `describe` sees in an image: the dominant shape colour, its area (px), centroid and shape kind.
-
-    `fill` is the area over the bounding box's: ~1 square, ~0.79 circle, ~0.5 triangle, low for scattered noise.
-    """
-
-    colour: str | None
-    area: int
-    cx: float
-    cy: float
-    shape: str | None
-    fill: float = 0.0
-
-    @property
-    def size(self) -> str:
-        return "large" if self.area >= SMALL_LARGE_AREA else "small"
-
-    @property
-    def position(self) -> str:
-        return "left" if self.cx < (34 + 64) / 2 else "right" if self.cx > (64 + 94) / 2 else "center"
+def _place(rng: np.random.Generator, radius: float) -> tuple[float, float]:
+    """A centre where a shape of `radius` stays inside the frame."""
+    lo_x, hi_x = max(CENTRE_X[0], radius + MARGIN), min(CENTRE_X[1], SIZE - radius - MARGIN)
+    lo_y, hi_y = max(CENTRE_Y[0], radius + MARGIN), min(CENTRE_Y[1], SIZE - radius - MARGIN)
+    return float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
 
 
-def random_scene(rng: np.random.Generator, backgrounds: tuple[str, ...] = ("white",)) -> Scene:
-    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
-    return Scene(
-        shape=pick(SHAPES),
-        colour=pick(tuple(COLOURS)),
-        size=pick(tuple(RADII)),
-        position=pick(tuple(CENTRES_X)),
-        background=pick(backgrounds),
-        dx=int(rng.integers(-JITTER, JITTER + 1)),
-        dy=int(rng.integers(-2 * JITTER, 2 * JITTER + 1)),
-        dr=int(rng.integers(-JITTER // 2, JITTER // 2 + 1)),
-    )
+def _hue(rng: np.random.Generator) -> float:
+    if rng.random() < ANCHOR_SHARE:
+        return COLOURS[list(COLOURS)[int(rng.integers(len(COLOURS)))]]
+    return float(rng.uniform(0.0, 360.0))
+
+
+def random_scene(
+    rng: np.random.Generator, backgrounds: tuple[str, ...] = ("white",), drop_words: bool = True
+) -> Scene:
+    """Uniform shape, hue, radius and place; with `drop_words`, each attribute is named with KEEP_WORD's chance."""
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    hue, radius = _hue(rng), float(rng.uniform(*RADIUS))
+    cx, cy = _place(rng, radius)
+    background = backgrounds[int(rng.integers(len(backgrounds)))]
+    keep = rng.random(len(ATTRIBUTES))  # drawn either way, so a scene's geometry never depends on `drop_words`
+    named = tuple(a for a, u in zip(ATTRIBUTES, keep, strict=True) if not drop_words or u < KEEP_WORD[a])
+    return Scene(shape, hue, radius, cx, cy, background, named)
 
 
 def render(scene: Scene) -> Image.Image:
@@ -96,9 +150,8 @@ def render(scene: Scene) -> Image.Image:
     s = SUPERSAMPLE
     img = Image.new("RGB", (SIZE * s, SIZE * s), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    cx, cy = (CENTRES_X[scene.position] + scene.dx) * s, (SIZE // 2 + scene.dy) * s
-    r = (RADII[scene.size] + scene.dr) * s
-    fill = COLOURS[scene.colour]
+    cx, cy, r = round(scene.cx * s), round(scene.cy * s), round(scene.radius * s)
+    fill = rgb(scene.hue)
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=fill)
     elif scene.shape == "square":
@@ -108,9 +161,9 @@ def render(scene: Scene) -> Image.Image:
     return img.reduce(s)
 
 
-def scene_for(seed: int, index: int, backgrounds: tuple[str, ...] = ("white",)) -> Scene:
+def scene_for(seed: int, index: int, backgrounds: tuple[str, ...] = ("white",), drop_words: bool = True) -> Scene:
     """Scene `index` of the set `seed`: independent of how many are drawn, so sets can be made in chunks."""
-    return random_scene(np.random.default_rng((seed, index)), backgrounds)
+    return random_scene(np.random.default_rng((seed, index)), backgrounds, drop_words)
 
 
 def render_many(n: int, seed: int, start: int = 0, backgrounds: tuple[str, ...] = ("white",)):
@@ -127,63 +180,118 @@ def render_pixels(job: tuple[int, int, int]) -> np.ndarray:
     return render_many(*job)[0]
 
 
-def concept_pair(concept: str, seed: int) -> tuple[Image.Image, Image.Image, Scene, Scene]:
-    """Two images identical except for `concept`: size small→large, colour red→blue, position left→right.
+def _pair_values(concept: str, rng: np.random.Generator) -> tuple[float, float]:
+    """Two values of the concept at least PAIR_GAP apart, in a random order."""
+    gap = PAIR_GAP[concept]
+    if concept == "colour":
+        a = _hue(rng)
+        return a, (a + float(rng.choice([-1.0, 1.0])) * float(rng.uniform(gap, 150.0))) % 360.0
+    lo, hi = RADIUS if concept == "size" else (CENTRE_X[0] + 6.0, CENTRE_X[1] - 6.0)
+    a = float(rng.uniform(lo, hi - gap))
+    b = float(rng.uniform(a + gap, hi))
+    return (a, b) if rng.random() < 0.5 else (b, a)
 
-    The measure of the second image is the larger one (`measure(b, c) > measure(a, c)`); every pixel outside
-    the two shapes' bounding boxes is identical.
+
+def concept_pair(concept: str, seed: int) -> tuple[Image.Image, Image.Image, Scene, Scene]:
+    """(minus image, plus image, minus scene, plus scene): identical except for `concept`, fully captioned.
+
+    Size, place and hue are drawn from `seed`, the concept's two values at least PAIR_GAP apart in either
+    direction; both shapes stay inside the frame, and every pixel outside their bounding boxes is identical.
     """
     if concept not in CONCEPTS:
         raise ValueError(f"concept must be one of {', '.join(CONCEPTS)}, not {concept!r}")
-    field = {"size": "size", "colour": "colour", "position": "position"}[concept]
-    values = {"size": ("small", "large"), "colour": ("red", "blue"), "position": ("left", "right")}[concept]
-    scene = scene_for(seed, 0)
-    a, b = replace(scene, **{field: values[0]}), replace(scene, **{field: values[1]})
-    return render(a), render(b), a, b
+    rng = np.random.default_rng((seed, 7919))
+    scene = random_scene(rng, drop_words=False)
+    a, b = _pair_values(concept, rng)
+    if concept == "size":  # both radii must fit where the shape is
+        cx, cy = _place(rng, max(a, b))
+        scene = replace(scene, cx=cx, cy=cy)
+    elif concept == "position":
+        radius = min(scene.radius, SIZE - max(a, b) - MARGIN, min(a, b) - MARGIN, 26.0)
+        scene = replace(scene, radius=radius)
+    minus, plus = replace(scene, **{FIELD[concept]: a}), replace(scene, **{FIELD[concept]: b})
+    return render(minus), render(plus), minus, plus
 
 
-def _foreground(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mask of pixels far from the background (the median border colour), and that colour."""
+def _foreground(pixels: np.ndarray) -> np.ndarray:
+    """Mask of pixels far from the background (the median border colour)."""
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.int16)
     background = np.median(border, axis=0)
-    distance = np.abs(pixels.astype(np.int16) - background).max(axis=-1)
-    return distance > 60, background
+    return np.abs(pixels.astype(np.int16) - background).max(axis=-1) > 60
 
 
-def _hues(rgb: np.ndarray) -> np.ndarray:
-    """Hue in degrees of each row of an (n, 3) uint8 array."""
-    return np.array([colorsys.rgb_to_hsv(*(c / 255.0))[0] * 360.0 for c in rgb.reshape(-1, 3)])
+def _mean_hue(rgb_rows: np.ndarray) -> float:
+    """Circular mean hue (degrees) of (n, 3) uint8 colours, weighted by saturation so greys count little."""
+    x = rgb_rows.reshape(-1, 3).astype(np.float64) / 255.0
+    hi, lo = x.max(axis=1), x.min(axis=1)
+    chroma = hi - lo
+    safe = np.where(chroma > 0, chroma, 1.0)
+    r, g, b = x.T
+    h = np.where(hi == r, ((g - b) / safe) % 6, np.where(hi == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60.0
+    angles = np.deg2rad(h)
+    return float(np.rad2deg(np.arctan2((chroma * np.sin(angles)).sum(), (chroma * np.cos(angles)).sum())) % 360.0)
 
 
 def measure(image: Image.Image | np.ndarray, concept: str) -> float:
-    """size: shape area (px); colour: circular mean hue (degrees: red 0 < blue ~225); position: centroid x."""
-    pixels = np.asarray(image)
-    mask, _ = _foreground(pixels)
+    """size: shape area (px); colour: mean hue (degrees); position: centroid x (px). NaN when no shape."""
+    if concept not in CONCEPTS:
+        raise ValueError(f"concept must be one of {', '.join(CONCEPTS)}, not {concept!r}")
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    mask = _foreground(pixels)
     if concept == "size":
         return float(mask.sum())
-    if not mask.any():
+    if mask.sum() < 20:
         return float("nan")
-    if concept == "position":
-        return float(np.nonzero(mask)[1].mean())
+    return float(np.nonzero(mask)[1].mean()) if concept == "position" else _mean_hue(pixels[mask])
+
+
+def progress(value: float, concept: str, minus: float, plus: float) -> float:
+    """Where a measured value lies from the pair's minus (0) to its plus (1); hue along the pair's shorter arc."""
     if concept == "colour":
-        angles = np.deg2rad(_hues(pixels[mask]))
-        return float(np.rad2deg(np.arctan2(np.sin(angles).mean(), np.cos(angles).mean())) % 360.0)
-    raise ValueError(f"concept must be one of {', '.join(CONCEPTS)}, not {concept!r}")
+        return hue_difference(minus, value) / hue_difference(minus, plus)
+    return (value - minus) / (plus - minus)
+
+
+@dataclass(frozen=True)
+class Description:
+    """What `describe` sees in an image: the shape's mean hue, area (px), centroid, box radius and kind.
+
+    `fill` is the area over the bounding box's: ~1 square, ~0.79 circle, ~0.5 triangle, low for scattered noise.
+    """
+
+    hue: float | None
+    area: int
+    cx: float
+    cy: float
+    radius: float
+    shape: str | None
+    fill: float = 0.0
+
+    @property
+    def colour(self) -> str | None:
+        return None if self.hue is None else hue_name(self.hue)
+
+    @property
+    def size(self) -> str:
+        return "large" if self.radius >= LARGE_FROM else "small"
+
+    @property
+    def position(self) -> str:
+        return "left" if self.cx < LEFT_BELOW else "right" if self.cx >= RIGHT_FROM else "center"
 
 
 def describe(image: Image.Image | np.ndarray) -> Description:
-    """The dominant non-background colour (nearest palette colour), its area, centroid and shape kind."""
+    """The shape's hue, area, centroid, radius (half its bounding box) and kind, read back from pixels."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    mask, _ = _foreground(pixels)
+    mask = _foreground(pixels)
     if mask.sum() < 20:
-        return Description(None, int(mask.sum()), float("nan"), float("nan"), None)
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    fg = pixels[mask].astype(np.float32)
-    nearest = np.linalg.norm(fg[:, None, :] - palette[None], axis=-1).argmin(axis=1)
-    colour = list(COLOURS)[int(np.bincount(nearest, minlength=len(palette)).argmax())]
+        return Description(None, int(mask.sum()), float("nan"), float("nan"), 0.0, None)
     ys, xs = np.nonzero(mask)
     x0, x1 = np.percentile(xs, (1, 99))
     y0, y1 = np.percentile(ys, (1, 99))
     fill = mask.sum() / max((x1 - x0 + 1) * (y1 - y0 + 1), 1.0)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
-    return Description(colour, int(mask.sum()), float(xs.mean()), float(ys.mean()), shape, float(fill))
+    radius = float(np.sqrt(mask.sum() / AREA_PER_RADIUS2[shape]))  # from the area: box extremes are thin tips
+    return Description(
+        _mean_hue(pixels[mask]), int(mask.sum()), float(xs.mean()), float(ys.mean()), float(radius), shape, float(fill)
+    )
