@@ -327,7 +327,7 @@ def merge(
     from loratool import merge as verb
 
     config = verb.MergeConfig(
-        inputs=[verb.parse_input(text) for text in inputs],
+        inputs=inputs,  # FILE[:WEIGHT], parsed by MergeConfig
         output=output,
         svd=False if concat else svd,
         rank=rank,

@@ -18,6 +18,7 @@ import torch
 from loratool.data.images import TrainImage, prepare
 from loratool.errors import InputError
 from loratool.files import atomic_path, sha256
+from loratool.sdxl.index import ModelIndex
 from loratool.train import generate
 from loratool.train.batch import BucketSource, Example, Pool
 from loratool.train.conditioning import encode_latent, release_encoders
@@ -104,10 +105,8 @@ def trainee_from_folder(pipe, config: DreamboothConfig, items: list[Item], class
     need, inject the LoRAs. Consumes `pipe`."""
     from diffusers import DDPMScheduler
 
-    from loratool.lora.io import keymap_for
-
-    keymap = keymap_for(pipe.unet)
-    base_loras = fold_base_loras(pipe, config, keymap)
+    index = ModelIndex.of_pipeline(pipe)  # before peft wraps the modules
+    base_loras = fold_base_loras(pipe, config, index)
     cache = Cache(config, base_loras)
     text = text_encoders(pipe)
     instance = pool(pipe.vae, text, cache, items, config, prior=False)
@@ -123,7 +122,7 @@ def trainee_from_folder(pipe, config: DreamboothConfig, items: list[Item], class
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         source=BucketSource(instance, prior, config.batch_size),
-        keymap=keymap,
+        keymap=index.keymap,
         device=pipe.unet.device,
         data_sha256=cache.dataset_sha256(items + classes),
         text=trained_text,

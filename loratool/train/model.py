@@ -11,6 +11,9 @@ import torch
 from loratool.data.images import TrainImage
 from loratool.errors import ModelSourceError
 from loratool.files import sha256
+from loratool.lora.apply import fold_network
+from loratool.lora.network import COMPONENT_MODELS
+from loratool.sdxl.index import ModelIndex, read
 from loratool.train.batch import Batch, BucketSource, OneBatch
 from loratool.train.check import CopyChecker
 from loratool.train.conditioning import encode_once, release_encoders
@@ -59,10 +62,8 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
     """Fold --base-lora files, encode once, free the encoders, inject the LoRA. Consumes `pipe`."""
     from diffusers import DDPMScheduler
 
-    from loratool.lora.io import keymap_for
-
-    keymap = keymap_for(pipe.unet)
-    base_loras = fold_base_loras(pipe, config, keymap)
+    index = ModelIndex.of_pipeline(pipe)  # before peft wraps the modules
+    base_loras = fold_base_loras(pipe, config, index)
     cond = encode_once(pipe, image)
     vae = release_encoders(pipe, keep_decoder=bool(config.check_every))
     inject_lora(pipe.unet, config)
@@ -76,7 +77,7 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         source=OneBatch(batch),
-        keymap=keymap,
+        keymap=index.keymap,
         device=cond.latent.device,
         data_sha256=sha256(image.path),
         checker=checker,
@@ -98,20 +99,15 @@ def weights_runtime(config: TrainConfig):
     return runtime
 
 
-def fold_base_loras(pipe, config: TrainConfig, keymap) -> list[dict]:
+def fold_base_loras(pipe, config: TrainConfig, index: ModelIndex) -> list[dict]:
     """Recipe 1 (merge-then-train): add each --base-lora into the weights before anything is encoded."""
-    from loratool.lora.apply import fold_network
-    from loratool.lora.io import read_lora
-
-    models = {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
-    records = []
-    for path, weight in config.base_lora_weights():
-        network = read_lora(path, keymap)
-        for component in network.components():
-            fold_network(models[component], network, component, weight)
-        records.append({"file": path.name, "weight": weight, "sha256": sha256(path)})
-        log.info("folded %s at weight %g into the base", path, weight)
-    return records
+    loras = [read(spec, index) for spec in config.base_lora_weights()]  # all checked before the first fold
+    models = {c: getattr(pipe, a) for c, a in COMPONENT_MODELS.items()}
+    for lora in loras:
+        for component in lora.network.components():
+            fold_network(models[component], lora.network, component, lora.weight)
+        log.info("folded %s at weight %g into the base", lora.path, lora.weight)
+    return [{"file": lora.path.name, "weight": lora.weight, "sha256": lora.sha256} for lora in loras]
 
 
 def inject_lora(unet, config: TrainConfig) -> None:
