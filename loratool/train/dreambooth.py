@@ -1,7 +1,8 @@
-"""Dreambooth and the "wrong" LoRA: a folder of captioned images (plus class images) into the shared loop.
+"""Dreambooth and the "wrong" LoRA's data: a folder of captioned images (plus class images) for the shared loop.
 
-Reads top to bottom: run → instances (folder, captions) → dataset (class / wrong images the base makes)
-→ trainee_from_folder (fold, encode into cached pools, free the encoders, inject LoRAs) → the loop.
+Reads top to bottom: trainees → instances (folder, captions) → dataset (class / wrong images the base makes)
+→ trainee_from_folder (fold, encode into cached pools, free the encoders, inject LoRAs); `train.run` hands
+the trainee to the loop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +25,6 @@ from loratool.train import generate
 from loratool.train.batch import BucketSource, Example, Pool
 from loratool.train.conditioning import encode_latent, release_encoders
 from loratool.train.config import DreamboothConfig
-from loratool.train.loop import check_outputs, preflight, train
 from loratool.train.model import ADAPTER, Trainee, fold_base_loras, inject_lora, weights_runtime
 from loratool.train.text import TextEncoders, inject_text_lora, text_encoders
 
@@ -32,11 +33,10 @@ log = logging.getLogger(__name__)
 Item = tuple[Path, str]  # an image and its caption
 
 
-def run(config: DreamboothConfig) -> list[Path]:
+def trainees(config: DreamboothConfig) -> Iterator[tuple[Trainee, Path, dict]]:
+    """The one (trainee, LoRA path, timings) of a dataset; the base also makes the class / wrong images."""
     from loratool.sdxl.models import load_pipeline
 
-    preflight(config)
-    check_outputs(config, config.output)
     check_processes(config)
     items = instances(config.images[0], config.prompt) if config.mode == "dreambooth" else []
     started = time.perf_counter()
@@ -47,7 +47,7 @@ def run(config: DreamboothConfig) -> list[Path]:
     classes = class_images(pipe, config) if config.prior else []
     trainee = trainee_from_folder(pipe, config, items, classes)
     trainee.dataset["metadata"] |= notes
-    return train(config, trainee, config.output, {"load_and_encode_s": time.perf_counter() - started})
+    yield trainee, config.output, {"load_and_encode_s": time.perf_counter() - started}
 
 
 def instances(folder: Path, prompt: str, use_captions: bool = True) -> list[Item]:
