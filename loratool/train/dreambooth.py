@@ -126,7 +126,7 @@ def trainee_from_folder(pipe, config: DreamboothConfig, items: list[Item], class
         device=pipe.unet.device,
         data_sha256=cache.dataset_sha256(items + classes),
         text=trained_text,
-        dataset=describe(config, items, classes),
+        dataset=dataset_record(config, items, classes),
         base_loras=base_loras,
     )
 
@@ -191,7 +191,7 @@ def _digest(*parts) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
 
 
-def describe(config: DreamboothConfig, items: list[Item], classes: list[Item]) -> dict:
+def dataset_record(config: DreamboothConfig, items: list[Item], classes: list[Item]) -> dict:
     """What the LoRA was trained on, for its metadata (strings) and the report."""
     tags = Counter(tag.strip() for _, text_of in items for tag in text_of.split(",") if tag.strip())
     folder = config.images[0].name if config.images else config.wrong_folder().name
