@@ -8,8 +8,10 @@ through diffusers' `set_adapters`; with `fuse`, the active weights are also merg
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
+from loratool.lora.apply import add_adapter, fold_network
 from loratool.lora.network import COMPONENT_MODELS, LoraNetwork
 from loratool.sdxl.index import CheckedLora, LoraSpec, ModelIndex, read
 
@@ -49,10 +51,6 @@ class Adapters:
     """
 
     def __init__(self, pipe, loras: list[LoadedLora], mode: str = "fold"):
-        import warnings
-
-        from loratool.lora.apply import add_adapter
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.pipe, self.loras, self.mode = pipe, loras, mode
@@ -100,8 +98,6 @@ class Adapters:
 
     def _fold(self, weights: tuple[float, ...]) -> None:
         """One rounding per switch (computed in float32); back at 0 the layers are W0 up to that rounding."""
-        from loratool.lora.apply import fold_network
-
         for lora, old, new in zip(self.loras, self.current, weights, strict=True):
             if new != old:
                 for component, attr in COMPONENT_MODELS.items():

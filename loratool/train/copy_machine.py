@@ -13,6 +13,7 @@ from pathlib import Path
 from loratool.data.images import TrainImage, compare_pair, prepare
 from loratool.files import sha256
 from loratool.sdxl.index import ModelIndex
+from loratool.sdxl.models import load_pipeline
 from loratool.train.batch import Batch, OneBatch
 from loratool.train.check import CopyChecker
 from loratool.train.conditioning import encode_once, release_encoders
@@ -33,8 +34,6 @@ def trainees(config: TrainConfig) -> Iterator[tuple[Trainee, Path, dict]]:
 
 def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
     """Load the base (quantized on request), then prepare it for training."""
-    from loratool.sdxl.models import load_pipeline
-
     runtime = weights_runtime(config)
     parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
     pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)

@@ -21,6 +21,7 @@ from loratool.data.images import TrainImage, prepare
 from loratool.errors import InputError
 from loratool.files import atomic_path, sha256
 from loratool.sdxl.index import ModelIndex
+from loratool.sdxl.models import load_pipeline
 from loratool.train import generate
 from loratool.train.batch import BucketSource, Example, Pool
 from loratool.train.conditioning import encode_latent, release_encoders
@@ -35,8 +36,6 @@ Item = tuple[Path, str]  # an image and its caption
 
 def trainees(config: DreamboothConfig) -> Iterator[tuple[Trainee, Path, dict]]:
     """The one (trainee, LoRA path, timings) of a dataset; the base also makes the class / wrong images."""
-    from loratool.sdxl.models import load_pipeline
-
     check_processes(config)
     items = instances(config.images[0], config.prompt) if config.mode == "dreambooth" else []
     started = time.perf_counter()
