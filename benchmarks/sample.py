@@ -69,9 +69,9 @@ def main() -> None:
     base, refiner = full_pipelines("cuda") if full else tiny_pipelines()
     steps = args.steps or (30 if full else 4)
 
-    from loratool.lora.adapters import Adapters, read_loras
     from loratool.lora.io import keymap_for, write_lora
     from loratool.sample import SampleConfig, _prompt, schedule
+    from loratool.sdxl.adapters import Adapters, read_loras
     from loratool.sdxl.render import embeddings, render
     from loratool.slider import render_sweep
 

@@ -60,8 +60,8 @@ def make_image(root: Path, size: int) -> Path:
 def ours(args, config, pipe, image) -> float:
     """loratool's own code path (encode once, free encoders); returns it/s of the training loop."""
     from loratool.train.checkpoint import TrainState
+    from loratool.train.copy_machine import trainee_from_pipeline
     from loratool.train.loop import fit
-    from loratool.train.model import trainee_from_pipeline
 
     trainee = trainee_from_pipeline(pipe, config, image)
     timings: dict = {}
@@ -138,8 +138,8 @@ def child(args) -> None:
     import diffusers  # noqa: F401
     import peft  # noqa: F401
 
+    import loratool.train.copy_machine  # noqa: F401
     import loratool.train.loop  # noqa: F401
-    import loratool.train.model  # noqa: F401
 
     before_mb = _rss_now_mb()  # what training adds is measured above this
     pipe = build_pipeline(args.full)

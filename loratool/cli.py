@@ -44,7 +44,6 @@ VaeOpt = Annotated[
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto|fp16|bf16|fp32 (auto: fp16 on GPU, fp32 on CPU).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
-OutFileOpt = Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors file.")]
 
 
 def handled(fn: Callable) -> Callable:
@@ -327,7 +326,7 @@ def merge(
     from loratool import merge as verb
 
     config = verb.MergeConfig(
-        inputs=[verb.parse_input(text) for text in inputs],
+        inputs=inputs,  # FILE[:WEIGHT], parsed by MergeConfig
         output=output,
         svd=False if concat else svd,
         rank=rank,

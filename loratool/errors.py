@@ -21,9 +21,3 @@ class InputError(LoratoolError):
 
 class OutputExistsError(LoratoolError):
     """Refusing to overwrite an existing output without --force."""
-
-
-class NotBuiltError(LoratoolError):
-    """A verb or option that is not implemented yet: said plainly, never pretended."""
-
-    exit_code = 2

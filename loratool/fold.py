@@ -6,29 +6,22 @@ import json
 import logging
 from pathlib import Path
 
+from loratool.lora.apply import fold_network
+from loratool.lora.network import COMPONENT_MODELS
+from loratool.sdxl.index import LoraSpec, ModelIndex, read
+
 log = logging.getLogger(__name__)
-COMPONENT_ATTRS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
-def fold_loras(pipe, inputs: list[tuple[Path, float]]) -> dict[str, str]:
+def fold_loras(pipe, inputs: list[LoraSpec]) -> dict[str, str]:
     """W += Σ wᵢ·ΔWᵢ in float32 over the UNet and both text encoders; returns the inputs' sha256s."""
-    from loratool.files import sha256
-    from loratool.lora.apply import fold_network, layer_shapes
-    from loratool.lora.io import check_fits, keymap_for, read_lora
-
-    keymap = keymap_for(pipe.unet)
-    models = {c: getattr(pipe, a) for c, a in COMPONENT_ATTRS.items() if getattr(pipe, a, None) is not None}
-    shapes = {}
-    for component, model in models.items():
-        shapes |= layer_shapes(model, component)
-    hashes = {}
-    for path, weight in inputs:
-        network = read_lora(path, keymap)
-        check_fits(network, shapes, str(path))
+    index = ModelIndex.of_pipeline(pipe)
+    loras = [read(spec, index) for spec in inputs]  # every file checked before the first (slow) fold
+    models = {c: getattr(pipe, a) for c, a in COMPONENT_MODELS.items() if getattr(pipe, a, None) is not None}
+    for lora in loras:
         for component, model in models.items():
-            fold_network(model, network, component, weight)
-        hashes[str(path)] = sha256(path)
-    return hashes
+            fold_network(model, lora.network, component, lora.weight)
+    return {str(lora.path): lora.sha256 for lora in loras}
 
 
 def fold_into_base(config) -> Path:

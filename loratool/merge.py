@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError, LoraFileError
+from loratool.fold import fold_into_base
+from loratool.sdxl.index import LoraSpec, ModelIndex, model_index, parse_spec, read
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp16", "bf16", "fp32")
@@ -21,7 +23,7 @@ DTYPES = ("fp16", "bf16", "fp32")
 class MergeConfig:
     """Everything `loratool merge` needs; also recorded in the output's metadata."""
 
-    inputs: list[tuple[Path, float]]
+    inputs: list[LoraSpec]  # FILE[:WEIGHT] text or (path, weight) pairs are accepted and parsed
     output: Path
     svd: bool | None = None  # None: SVD for several inputs or when truncating, plain scaling for one
     rank: int | None = None
@@ -39,6 +41,7 @@ class MergeConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.inputs = [parse_spec(spec) for spec in self.inputs]  # a bad weight fails before any file is read
         if not self.inputs:
             raise InputError("merge needs at least one LoRA file.")
         if self.dtype not in DTYPES:
@@ -58,39 +61,15 @@ class MergeConfig:
             raise InputError("--into-base needs --model: the base model to fold the LoRAs into.")
 
 
-def parse_input(text: str) -> tuple[Path, float]:
-    """`FILE[:WEIGHT]`; a colon inside the path (C:\\…) is kept when no number follows the last one."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head or "/" in tail or "\\" in tail:
-        return Path(text), 1.0
-    try:
-        return Path(head), float(tail)
-    except ValueError:
-        if head.endswith(".safetensors") or Path(head).exists():
-            raise InputError(
-                f"weight {tail!r} of {head} is not a number (use FILE:WEIGHT, e.g. b.safetensors:-1)."
-            ) from None
-        return Path(text), 1.0
-
-
-def _gather(config: MergeConfig, keymap, shapes):
-    """Read and validate every input; → {module key: [(weight, LoraModule, file)]} and input hashes."""
-    from loratool.files import sha256
-    from loratool.lora import ops
-    from loratool.lora.io import check_fits, read_lora
-
+def _gather(config: MergeConfig, index: ModelIndex):
+    """Read and check every input; → {module key: [(weight, LoraModule, file)]} and input hashes."""
     terms: dict[tuple[str, str], list] = {}
     hashes = {}
-    for path, weight in config.inputs:
-        network = read_lora(path, keymap)
-        check_fits(network, shapes, str(path))
-        for m in network:
-            try:
-                ops.check_finite(f"{path}: module {m.component}:{m.path}", m.down, m.up)
-            except ValueError as exc:
-                raise LoraFileError(f"{exc}: the file is damaged; retrain or re-download it.") from None
-            terms.setdefault(m.key, []).append((weight, m, path))
-        hashes[str(path)] = sha256(path)
+    for spec in config.inputs:
+        lora = read(spec, index)
+        for m in lora.network:
+            terms.setdefault(m.key, []).append((lora.weight, m, lora.path))
+        hashes[str(lora.path)] = lora.sha256
     return terms, hashes
 
 
@@ -125,14 +104,14 @@ def _cast(module, dtype, name: str) -> None:
         raise LoraFileError(f"module {name} overflows {dtype}: write with --dtype bf16 or fp32.") from None
 
 
-def merge_networks(config: MergeConfig, keymap, shapes):
+def merge_networks(config: MergeConfig, index: ModelIndex):
     """All inputs → one LoraNetwork, the report rows and the input hashes."""
     import torch
 
     from loratool.lora import ops
     from loratool.lora.network import LoraNetwork
 
-    terms, hashes = _gather(config, keymap, shapes)
+    terms, hashes = _gather(config, index)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
     network, rows = LoraNetwork(), []
     for key in sorted(terms):
@@ -168,18 +147,20 @@ def _recipe(config: MergeConfig, hashes: dict[str, str]) -> dict[str, str]:
 
 def run(config: MergeConfig) -> Path:
     from loratool.files import atomic_path, check_writable
-    from loratool.inspect import model_index
     from loratool.lora.io import write_lora
 
     check_writable(config.output, config.force)
     if config.into_base:
-        from loratool.fold import fold_into_base
-
         return fold_into_base(config)
-    keymap, shapes = model_index(config.model)
-    network, rows, hashes = merge_networks(config, keymap, shapes)
+    index = model_index(config.model)
+    network, rows, hashes = merge_networks(config, index)
     write_lora(
-        network, config.output, keymap=keymap, fmt=config.format, metadata=_recipe(config, hashes), force=config.force
+        network,
+        config.output,
+        keymap=index.keymap,
+        fmt=config.format,
+        metadata=_recipe(config, hashes),
+        force=config.force,
     )
     log.info("%s", summarize(rows))
     if config.report:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from loratool import __version__
 from loratool.errors import InputError
+from loratool.sdxl.index import parse_spec
 from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER
 from loratool.sdxl.render import check_scheduler
-from loratool.sweep import image_name, lora_spec, scale_labels
+from loratool.sweep import image_name, scale_labels
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class SampleConfig:
             if self.sweep:
                 raise InputError("--sweep names a LoRA to sweep, but no --lora was given.")
             return None
-        paths = [lora_spec(s)[0] for s in self.loras]
+        paths = [parse_spec(s).path for s in self.loras]
         if self.sweep is None:
             if len(paths) > 1:
                 raise InputError("several --lora files: pick the swept one with --sweep FILE.")
@@ -224,11 +225,11 @@ def run(config: SampleConfig) -> list[Path]:
             save_png(image, path, config, seed)
             log.info("wrote %s", path)
         return list(outputs.images.values())
-    from loratool.lora.adapters import Adapters, read_loras
+    from loratool.sdxl.adapters import Adapters, read_loras
     from loratool.slider import render_sweep, write_sweep
 
     swept = config.swept_index()
-    loras = read_loras(base, [lora_spec(s) for s in config.loras], swept)  # a misfit fails before rendering
+    loras = read_loras(base, config.loras, swept)  # a misfit fails before rendering
     adapters = Adapters(base, loras, mode=config.switch)
     _compile(base, config)
     images = render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept)

@@ -7,7 +7,6 @@ with a mean absolute pixel change instead of LPIPS so it needs no extra model.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from loratool.errors import InputError
 
@@ -63,17 +62,6 @@ def scale_labels(scales: list[float]) -> list[str]:
 
 def image_name(seed: int, label: str) -> str:
     return f"seed{seed}_scale{label}.png"
-
-
-def lora_spec(text: str) -> tuple[Path, float]:
-    """`FILE[:WEIGHT]` → (path, weight); a colon that is not followed by a number belongs to the path."""
-    path, _, weight = text.rpartition(":")
-    if path:
-        try:
-            return Path(path), float(weight)
-        except ValueError:
-            pass
-    return Path(text), 1.0
 
 
 def mean_abs_change(image, reference) -> float:

@@ -168,7 +168,8 @@ def test_real_sdxl_config_gives_722_kohya_modules():
 
 
 def test_shipped_sdxl_index_matches_a_fresh_build():
-    from loratool.sdxl.reference import build_base_index, load_base_index
+    from loratool.sdxl.index import build_base_index
+    from loratool.sdxl.reference import load_base_index
 
     fresh = build_base_index()
     shipped = load_base_index()

@@ -190,11 +190,3 @@ def test_fp16_overflow_is_refused(cli, tiny_models, base, tmp_path):
         tiny_models / "base",
     )
     assert code == 1 and "overflows" in err and not (tmp_path / "o.safetensors").exists()
-
-
-def test_parse_input():
-    from loratool.merge import parse_input
-
-    assert parse_input("a.safetensors") == (__import__("pathlib").Path("a.safetensors"), 1.0)
-    assert parse_input("a.safetensors:-0.5")[1] == -0.5
-    assert parse_input("C:\\loras\\a.safetensors")[1] == 1.0

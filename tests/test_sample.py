@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from loratool.sweep import lora_spec, scale_labels, slider_scales, spearman, value_scales
+from loratool.sdxl.index import parse_spec
+from loratool.sweep import scale_labels, slider_scales, spearman, value_scales
 from tests.test_lora_files import random_network
 
 PROMPT = "a red circle"
@@ -37,7 +38,7 @@ def loras(tiny_models, tmp_path_factory):
 def _sweep(tiny, loras: list[str], scales, **kw):
     """The library path (read, check, inject, switch, render) with float outputs: {(seed, scale): HxWx3}."""
     from loratool import sample
-    from loratool.lora.adapters import Adapters, read_loras
+    from loratool.sdxl.adapters import Adapters, read_loras
     from loratool.sdxl.models import pick_runtime
     from loratool.slider import render_sweep
 
@@ -46,7 +47,7 @@ def _sweep(tiny, loras: list[str], scales, **kw):
     )
     base, _ = sample._load(config, pick_runtime("cpu"))
     swept = config.swept_index()
-    adapters = Adapters(base, read_loras(base, [lora_spec(s) for s in loras], swept), mode=config.switch)
+    adapters = Adapters(base, read_loras(base, [parse_spec(s) for s in loras], swept), mode=config.switch)
     return render_sweep(base, None, config, adapters, sample._prompt(config), None, swept, output_type="np")
 
 
@@ -54,7 +55,7 @@ def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0):
     """Reference: a fresh pipeline, each file injected as a peft adapter, weights set with set_adapters."""
     from diffusers import StableDiffusionXLPipeline
 
-    from loratool.lora.adapters import Adapters, read_loras
+    from loratool.sdxl.adapters import Adapters, read_loras
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny / "base")
     pipe.set_progress_bar_config(disable=True)
@@ -212,8 +213,8 @@ def test_values_and_labels():
     assert value_scales("0, -2,2") == [0.0, -2.0, 2.0]
     assert scale_labels([-1.0, 0.0, 1.0]) == ["-1.00", "0.00", "1.00"]
     assert scale_labels([0.001, 0.004]) == ["0.001", "0.004"]
-    assert lora_spec("x.safetensors:-0.5") == (Path("x.safetensors"), -0.5)
-    assert lora_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
+    assert parse_spec("x.safetensors:-0.5") == (Path("x.safetensors"), -0.5)
+    assert parse_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,7 @@ def test_base_lora_changes_the_starting_unet_exactly_as_folding_would(trained, t
     from loratool.data.images import prepare
     from loratool.lora.apply import model_path
     from loratool.lora.io import keymap_for, read_lora
-    from loratool.train.model import load_trainee
+    from loratool.train.copy_machine import load_trainee
 
     out, _ = trained
     fresh = _unet(tiny_models)

@@ -33,14 +33,20 @@ def keymap_for(unet) -> K.KeyMap:
     return K.KeyMap.for_unet(unet.config, paths)
 
 
-def _load(path: Path) -> tuple[dict, dict[str, str]]:
-    from safetensors import safe_open
-
+def check_file(path: Path) -> None:
+    """The checks that need no reading: commands call it early so a typo fails before any model loads."""
     path = Path(path)
     if not path.is_file():
         raise LoraFileError(f"LoRA file {path} not found.")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise LoraFileError(f"{path} is a pickle file, which can run code: unsupported, convert it to .safetensors.")
+
+
+def _load(path: Path) -> tuple[dict, dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    check_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-COMPONENTS = ("unet", "te1", "te2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 DIFFUSERS_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
 # Inside a ResNet block the two layouts name the layers differently (LDM's nn.Sequential indices).
@@ -166,8 +165,3 @@ def parse_diffusers_key(key: str) -> tuple[str, str, str] | None:
         ):
             return component, m.group(1), m.group(2)
     return None
-
-
-def peft_module_path(path: str) -> str:
-    """A module path as peft's state dict names it (no `base_model.model.` wrapper)."""
-    return path.removeprefix("base_model.model.")

@@ -18,8 +18,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
-BASE_CLASS = "StableDiffusionXLPipeline"
-REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
 

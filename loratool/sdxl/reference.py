@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loratool.errors import ModelSourceError
+from loratool.sdxl.models import resolve_alias
+
 BASE_UNET = {
     "sample_size": 128,
     "in_channels": 4,
@@ -91,22 +94,11 @@ BASE_INDEX = Path(__file__).with_name("sdxl_base_layers.json")
 def load_base_index() -> dict[tuple[str, str], tuple[int, ...]]:
     """{(component, path): weight shape} of every Linear/Conv2d of SDXL 1.0 base (UNet and both encoders).
 
-    Shipped as data and checked against a fresh meta-device build by the tests, so it cannot go stale.
+    Shipped as data and checked against a fresh meta-device build by the tests, so it cannot go stale
+    (`python -m loratool.sdxl.index` regenerates it).
     """
     raw = json.loads(BASE_INDEX.read_text())
     return {(c, p): tuple(shape) for c, layers in raw.items() for p, shape in layers.items()}
-
-
-def build_base_index() -> dict[str, dict[str, list[int]]]:
-    from loratool.inspect import index_of
-
-    _, shapes = index_of(
-        meta_unet(BASE_UNET), meta_text_encoder(TEXT_ENCODER, False), meta_text_encoder(TEXT_ENCODER_2, True)
-    )
-    out: dict[str, dict[str, list[int]]] = {}
-    for (component, path), shape in sorted(shapes.items()):
-        out.setdefault(component, {})[path] = list(shape)
-    return out
 
 
 def meta_unet(config: dict):
@@ -132,12 +124,8 @@ def meta_components(source: str | None):
 
     Validating a LoRA needs names and shapes only: no weights are read.
     """
-    from loratool.errors import ModelSourceError
-
     if source is None:
         return meta_unet(BASE_UNET), meta_text_encoder(TEXT_ENCODER, False), meta_text_encoder(TEXT_ENCODER_2, True)
-    from loratool.sdxl.models import resolve_alias
-
     root = Path(resolve_alias(source)).expanduser()
     if not (root / "unet" / "config.json").is_file():
         raise ModelSourceError(f"--model {source}: give a diffusers folder (with unet/config.json) to check against.")
@@ -150,7 +138,3 @@ def meta_components(source: str | None):
         keep = {k: config[k] for k in TEXT_ENCODER if config and k in config}
         encoders.append(meta_text_encoder(keep, projection) if config else None)
     return unet, *encoders
-
-
-if __name__ == "__main__":  # regenerate the shipped index: python -m loratool.sdxl.reference
-    BASE_INDEX.write_text(json.dumps(build_base_index(), separators=(",", ":")))

@@ -1,6 +1,27 @@
-"""`loratool train`: copy-machine, dreambooth and the negative "wrong" LoRA, through one loop."""
+"""`loratool train`: copy-machine, dreambooth and the negative "wrong" LoRA, through one loop.
 
+Each mode is a data source: it turns a config into Trainees (the base with a LoRA injected, and its batches).
+`run` picks the mode, checks what can be checked before any model loads, and hands each Trainee to the loop,
+which imports no mode.
+"""
+
+from pathlib import Path
+
+from loratool.train import copy_machine, dreambooth
 from loratool.train.config import DreamboothConfig, TrainConfig
-from loratool.train.loop import TrainingInterrupted, run
+from loratool.train.loop import TrainingInterrupted, check_outputs, preflight, train
+
+
+def run(config: TrainConfig) -> list[Path]:
+    """Train one LoRA per image (two for --pair) or per dataset; returns every file written."""
+    mode = dreambooth if isinstance(config, DreamboothConfig) else copy_machine
+    preflight(config)
+    for path in config.lora_paths():
+        check_outputs(config, path)
+    written: list[Path] = []
+    for trainee, path, timings in mode.trainees(config):  # lazily: one base in memory at a time
+        written += train(config, trainee, path, timings)
+    return written
+
 
 __all__ = ["DreamboothConfig", "TrainConfig", "TrainingInterrupted", "run"]

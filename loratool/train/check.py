@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loratool.metrics import psnr, ssim
-from loratool.train.conditioning import Conditioning
+from loratool.train.conditioning import EncodedImage
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ THUMB = 256  # preview tiles are at most this many pixels a side: a 1024² run s
 class CopyChecker:
     vae: object  # decoder-only AutoencoderKL
     scheduler_config: dict
-    cond: Conditioning
+    cond: EncodedImage
     reference: torch.Tensor  # (1, 3, h, w) in [0, 1]
     seeds: list[int]
     steps: int
@@ -37,7 +37,7 @@ class CopyChecker:
         return ((image + 1) / 2).clamp(0, 1).cpu()
 
     @torch.no_grad()
-    def render(self, unet, seed: int) -> torch.Tensor:
+    def denoise(self, unet, seed: int) -> torch.Tensor:
         """Euler sampling of the empty prompt, no guidance (the prompt is empty), at the training size."""
         from diffusers import EulerDiscreteScheduler
 
@@ -61,7 +61,7 @@ class CopyChecker:
         was_training = unet.training
         unet.eval()
         try:
-            renders = torch.cat([self.render(unet, seed) for seed in self.seeds])
+            renders = torch.cat([self.denoise(unet, seed) for seed in self.seeds])
         finally:
             unet.train(was_training)
         reference = self.reference.expand_as(renders)

@@ -15,7 +15,9 @@ from loratool.data.images import TrainImage
 
 
 @dataclass
-class Conditioning:
+class EncodedImage:
+    """The training image as the UNet sees it: latent, empty-prompt embeddings, micro-conditioning."""
+
     latent: torch.Tensor  # (1, 4, h/8, w/8), already times the VAE's scaling factor
     prompt_embeds: torch.Tensor  # (1, 77, te1 + te2 width)
     pooled: torch.Tensor  # (1, te2 projection)
@@ -30,13 +32,13 @@ class Conditioning:
 
 
 @torch.no_grad()
-def encode_once(pipe, image: TrainImage) -> Conditioning:
+def encode_once(pipe, image: TrainImage) -> EncodedImage:
     """Latent of the image (the distribution's mode: deterministic) and the empty prompt's embeddings."""
     device = pipe.unet.device
     latent = encode_latent(pipe.vae, image.pixels[None].to(device))
     embeds, _, pooled, _ = pipe.encode_prompt(prompt="", device=device, do_classifier_free_guidance=False)
     time_ids = torch.tensor([image.time_ids()], dtype=torch.float32, device=device)
-    return Conditioning(latent, embeds.float(), pooled.float(), time_ids)
+    return EncodedImage(latent, embeds.float(), pooled.float(), time_ids)
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError
+from loratool.lora.io import check_file
+from loratool.sdxl.index import LoraSpec, parse_spec
 from loratool.sdxl.models import DEFAULT_BASE
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -75,7 +77,8 @@ class TrainConfig:
         _in_range("--check-every", self.check_every, 0, self.steps)
         if self.stop_when_copied is not None and not self.check_every:
             raise InputError("--stop-when-copied needs the copy check: drop --check-every 0.")
-        self.base_lora_weights()  # parse now, so a typo fails before any model loads
+        for spec in self.base_lora_weights():  # now, so a typo fails before any model loads
+            check_file(spec.path)
 
     def check_inputs(self) -> None:
         wanted = 2 if self.pair else 1
@@ -83,20 +86,9 @@ class TrainConfig:
             what = "--pair takes exactly two images" if self.pair else "copy mode trains on exactly one image"
             raise InputError(f"{what}, got {len(self.images)}; use --pair A.png B.png for a slider pair.")
 
-    def base_lora_weights(self) -> list[tuple[Path, float]]:
-        """--base-lora FILE[:WEIGHT] → (path, weight); the weight defaults to 1."""
-        parsed = []
-        for spec in self.base_loras:
-            path, _, tail = spec.rpartition(":")
-            try:
-                weight = float(tail) if path else 1.0
-            except ValueError:
-                path, weight = spec, 1.0  # a ':' that is part of the path
-            path = path or spec
-            if not Path(path).is_file():
-                raise InputError(f"--base-lora {spec}: no such file {path}.")
-            parsed.append((Path(path), weight))
-        return parsed
+    def base_lora_weights(self) -> list[LoraSpec]:
+        """--base-lora FILE[:WEIGHT] → (path, weight), parsed as every verb parses a LoRA; weight default 1."""
+        return [parse_spec(spec) for spec in self.base_loras]
 
     def lora_paths(self) -> list[Path]:
         """One output per image; with --pair, -o is a prefix: <prefix>_a.safetensors, <prefix>_b.safetensors."""

@@ -1,7 +1,8 @@
-"""Dreambooth and the "wrong" LoRA: a folder of captioned images (plus class images) into the shared loop.
+"""Dreambooth and the "wrong" LoRA's data: a folder of captioned images (plus class images) for the shared loop.
 
-Reads top to bottom: run → instances (folder, captions) → dataset (class / wrong images the base makes)
-→ trainee_from_folder (fold, encode into cached pools, free the encoders, inject LoRAs) → the loop.
+Reads top to bottom: trainees → instances (folder, captions) → dataset (class / wrong images the base makes)
+→ trainee_from_folder (fold, encode into cached pools, free the encoders, inject LoRAs); `train.run` hands
+the trainee to the loop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,11 +20,12 @@ import torch
 from loratool.data.images import TrainImage, prepare
 from loratool.errors import InputError
 from loratool.files import atomic_path, sha256
+from loratool.sdxl.index import ModelIndex
+from loratool.sdxl.models import load_pipeline
 from loratool.train import generate
 from loratool.train.batch import BucketSource, Example, Pool
 from loratool.train.conditioning import encode_latent, release_encoders
 from loratool.train.config import DreamboothConfig
-from loratool.train.loop import check_outputs, preflight, train
 from loratool.train.model import ADAPTER, Trainee, fold_base_loras, inject_lora, weights_runtime
 from loratool.train.text import TextEncoders, inject_text_lora, text_encoders
 
@@ -31,11 +34,8 @@ log = logging.getLogger(__name__)
 Item = tuple[Path, str]  # an image and its caption
 
 
-def run(config: DreamboothConfig) -> list[Path]:
-    from loratool.sdxl.models import load_pipeline
-
-    preflight(config)
-    check_outputs(config, config.output)
+def trainees(config: DreamboothConfig) -> Iterator[tuple[Trainee, Path, dict]]:
+    """The one (trainee, LoRA path, timings) of a dataset; the base also makes the class / wrong images."""
     check_processes(config)
     items = instances(config.images[0], config.prompt) if config.mode == "dreambooth" else []
     started = time.perf_counter()
@@ -46,7 +46,7 @@ def run(config: DreamboothConfig) -> list[Path]:
     classes = class_images(pipe, config) if config.prior else []
     trainee = trainee_from_folder(pipe, config, items, classes)
     trainee.dataset["metadata"] |= notes
-    return train(config, trainee, config.output, {"load_and_encode_s": time.perf_counter() - started})
+    yield trainee, config.output, {"load_and_encode_s": time.perf_counter() - started}
 
 
 def instances(folder: Path, prompt: str, use_captions: bool = True) -> list[Item]:
@@ -104,10 +104,8 @@ def trainee_from_folder(pipe, config: DreamboothConfig, items: list[Item], class
     need, inject the LoRAs. Consumes `pipe`."""
     from diffusers import DDPMScheduler
 
-    from loratool.lora.io import keymap_for
-
-    keymap = keymap_for(pipe.unet)
-    base_loras = fold_base_loras(pipe, config, keymap)
+    index = ModelIndex.of_pipeline(pipe)  # before peft wraps the modules
+    base_loras = fold_base_loras(pipe, config, index)
     cache = Cache(config, base_loras)
     text = text_encoders(pipe)
     instance = pool(pipe.vae, text, cache, items, config, prior=False)
@@ -123,11 +121,11 @@ def trainee_from_folder(pipe, config: DreamboothConfig, items: list[Item], class
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         source=BucketSource(instance, prior, config.batch_size),
-        keymap=keymap,
+        keymap=index.keymap,
         device=pipe.unet.device,
         data_sha256=cache.dataset_sha256(items + classes),
         text=trained_text,
-        dataset=describe(config, items, classes),
+        dataset=dataset_record(config, items, classes),
         base_loras=base_loras,
     )
 
@@ -192,7 +190,7 @@ def _digest(*parts) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
 
 
-def describe(config: DreamboothConfig, items: list[Item], classes: list[Item]) -> dict:
+def dataset_record(config: DreamboothConfig, items: list[Item], classes: list[Item]) -> dict:
     """What the LoRA was trained on, for its metadata (strings) and the report."""
     tags = Counter(tag.strip() for _, text_of in items for tag in text_of.split(",") if tag.strip())
     folder = config.images[0].name if config.images else config.wrong_folder().name

@@ -1,7 +1,8 @@
 """The training loop of every mode: copy (one image, empty prompt), dreambooth and wrong.
 
-Reads top to bottom: run (copy mode's data; dreambooth.run prepares its own) → train → fit (the loop)
-→ train_step → small helpers. What differs between modes is the Trainee's data source, not the loop.
+Reads top to bottom: preflight checks → train → fit (the loop) → train_step → small helpers. What differs
+between modes is the Trainee's data source (train.copy_machine, train.dreambooth), which `train.run` picks:
+the loop imports no mode.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from loratool.data.images import compare_pair, prepare
 from loratool.errors import InputError, LoratoolError
 from loratool.files import check_writable
 from loratool.train import checkpoint
 from loratool.train.checkpoint import TrainState
-from loratool.train.config import DreamboothConfig, TrainConfig, sidecars
+from loratool.train.config import TrainConfig, sidecars
 from loratool.train.loss import prior_preservation_loss, sample_losses
-from loratool.train.model import ADAPTER, Trainee, load_trainee
+from loratool.train.model import ADAPTER, Trainee
 from loratool.train.progress import TrainProgress
 from loratool.train.record import write_outputs
 
@@ -33,27 +33,6 @@ class TrainingInterrupted(LoratoolError):
     """Ctrl-C: the LoRA of the current step was written; the shell's convention for SIGINT is 130."""
 
     exit_code = 130
-
-
-def run(config: TrainConfig) -> list[Path]:
-    """Train one LoRA per image (two for --pair, identical settings); returns every file written."""
-    if isinstance(config, DreamboothConfig):
-        from loratool.train.dreambooth import run as run_dreambooth
-
-        return run_dreambooth(config)
-    preflight(config)
-    lora_paths = config.lora_paths()
-    for path in lora_paths:
-        check_outputs(config, path)
-    if config.pair:
-        compare_pair(*config.images)
-    images = [prepare(p, config.resolution) for p in config.images]
-    written: list[Path] = []
-    for image, path in zip(images, lora_paths, strict=True):
-        started = time.perf_counter()
-        trainee = load_trainee(config, image)
-        written += train(config, trainee, path, {"load_and_encode_s": time.perf_counter() - started})
-    return written
 
 
 def check_outputs(config: TrainConfig, lora_path: Path) -> None:
@@ -198,4 +177,4 @@ def copied(config: TrainConfig, state: TrainState) -> bool:
     return state.checks[-1]["mean_psnr"] >= config.stop_when_copied
 
 
-__all__ = ["ADAPTER", "TrainingInterrupted", "run"]
+__all__ = ["ADAPTER", "TrainingInterrupted", "check_outputs", "preflight", "train"]

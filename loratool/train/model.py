@@ -1,4 +1,8 @@
-"""What the loop trains: the UNet with a peft LoRA injected, plus everything computed once before the loop."""
+"""What the loop trains: the UNet with a peft LoRA injected, plus everything computed once before the loop.
+
+Every mode (copy_machine, dreambooth) builds a Trainee from its own data with the helpers here; the loop
+reads Trainees and knows no mode.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ import torch
 
 from loratool.data.images import TrainImage
 from loratool.errors import ModelSourceError
-from loratool.files import sha256
-from loratool.train.batch import Batch, BucketSource, OneBatch
+from loratool.lora.apply import fold_network
+from loratool.lora.network import COMPONENT_MODELS
+from loratool.sdxl.index import ModelIndex, read
+from loratool.train.batch import BucketSource, OneBatch
 from loratool.train.check import CopyChecker
-from loratool.train.conditioning import encode_once, release_encoders
 from loratool.train.config import TrainConfig
 from loratool.train.text import TextEncoders
 
@@ -45,49 +50,6 @@ class Trainee:
         return modules
 
 
-def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
-    """Load the base (quantized on request), then prepare it for training."""
-    from loratool.sdxl.models import load_pipeline
-
-    runtime = weights_runtime(config)
-    parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
-    pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)
-    return trainee_from_pipeline(pipe, config, image)
-
-
-def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Trainee:
-    """Fold --base-lora files, encode once, free the encoders, inject the LoRA. Consumes `pipe`."""
-    from diffusers import DDPMScheduler
-
-    from loratool.lora.io import keymap_for
-
-    keymap = keymap_for(pipe.unet)
-    base_loras = fold_base_loras(pipe, config, keymap)
-    cond = encode_once(pipe, image)
-    vae = release_encoders(pipe, keep_decoder=bool(config.check_every))
-    inject_lora(pipe.unet, config)
-    checker = None
-    if vae is not None:
-        reference = ((image.pixels[None] + 1) / 2).clamp(0, 1)
-        seeds = list(range(config.check_seeds))
-        checker = CopyChecker(vae, dict(pipe.scheduler.config), cond, reference, seeds, config.check_steps)
-    batch = Batch(cond.latent, cond.time_ids, [""], cond.prompt_embeds, cond.pooled)
-    trainee = Trainee(
-        unet=pipe.unet,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        source=OneBatch(batch),
-        keymap=keymap,
-        device=cond.latent.device,
-        data_sha256=sha256(image.path),
-        checker=checker,
-        image=image,
-        base_loras=base_loras,
-    )
-    if checker:
-        trainee.vae_psnr = checker.vae_ceiling()
-    return trainee
-
-
 def weights_runtime(config: TrainConfig):
     """Frozen weights in the mixed-precision dtype on CUDA (half the memory); fp32 on CPU, where autocast does it."""
     from loratool.sdxl.models import Runtime, pick_runtime
@@ -98,20 +60,15 @@ def weights_runtime(config: TrainConfig):
     return runtime
 
 
-def fold_base_loras(pipe, config: TrainConfig, keymap) -> list[dict]:
+def fold_base_loras(pipe, config: TrainConfig, index: ModelIndex) -> list[dict]:
     """Recipe 1 (merge-then-train): add each --base-lora into the weights before anything is encoded."""
-    from loratool.lora.apply import fold_network
-    from loratool.lora.io import read_lora
-
-    models = {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
-    records = []
-    for path, weight in config.base_lora_weights():
-        network = read_lora(path, keymap)
-        for component in network.components():
-            fold_network(models[component], network, component, weight)
-        records.append({"file": path.name, "weight": weight, "sha256": sha256(path)})
-        log.info("folded %s at weight %g into the base", path, weight)
-    return records
+    loras = [read(spec, index) for spec in config.base_lora_weights()]  # all checked before the first fold
+    models = {c: getattr(pipe, a) for c, a in COMPONENT_MODELS.items()}
+    for lora in loras:
+        for component in lora.network.components():
+            fold_network(models[component], lora.network, component, lora.weight)
+        log.info("folded %s at weight %g into the base", lora.path, lora.weight)
+    return [{"file": lora.path.name, "weight": lora.weight, "sha256": lora.sha256} for lora in loras]
 
 
 def inject_lora(unet, config: TrainConfig) -> None:

@@ -1,28 +1,26 @@
 """LoRA files as peft adapters on a live SDXL base pipeline, with their weights switched in place.
 
-Files are read and checked against the model before anything is injected. Weights change through
-diffusers' `set_adapters`; with `fuse`, the active weights are also merged into the base layers
+Files are read and checked against the model (`sdxl.index.read`) before anything is injected. Weights change
+through diffusers' `set_adapters`; with `fuse`, the active weights are also merged into the base layers
 (peft merge/unmerge through `fuse_lora`/`unfuse_lora`), so denoising costs what the plain model costs.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+import warnings
+from dataclasses import dataclass
 
+from loratool.lora.apply import add_adapter, fold_network
 from loratool.lora.network import COMPONENT_MODELS, LoraNetwork
+from loratool.sdxl.index import CheckedLora, LoraSpec, ModelIndex, read
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LoadedLora:
-    path: Path
-    weight: float
-    adapter: str  # never "A"/"B": those collide with peft's lora_A/lora_B keys
-    sha256: str
-    network: LoraNetwork = field(repr=False)
+class LoadedLora(CheckedLora):
+    adapter: str = "lora"  # never "A"/"B": those collide with peft's lora_A/lora_B keys
 
     def record(self, swept: bool) -> dict:
         return {"file": str(self.path), "name": self.path.stem, "sha256": self.sha256, "weight": self.weight} | (
@@ -30,23 +28,13 @@ class LoadedLora:
         )
 
 
-def read_loras(pipe, specs: list[tuple[Path, float]], swept: int) -> list[LoadedLora]:
-    """Read every file and check it fits `pipe` (a LoRA for another base fails here, before any rendering)."""
-    from loratool.files import sha256
-    from loratool.lora.apply import layer_shapes
-    from loratool.lora.io import check_fits, keymap_for, read_lora
-
-    keymap = keymap_for(pipe.unet)
-    shapes = {}
-    for component, attr in COMPONENT_MODELS.items():
-        if getattr(pipe, attr, None) is not None:
-            shapes |= layer_shapes(getattr(pipe, attr), component)
+def read_loras(pipe, specs: list[str | LoraSpec], swept: int) -> list[LoadedLora]:
+    """Read every `FILE[:WEIGHT]` and check it fits `pipe` (another base's LoRA fails here, before any rendering)."""
+    index = ModelIndex.of_pipeline(pipe)
     loras = []
-    for i, (path, weight) in enumerate(specs):
-        network = read_lora(path, keymap)
-        check_fits(network, shapes, str(path))
-        name = "sweep" if i == swept else f"fixed{i}"
-        loras.append(LoadedLora(Path(path), weight, name, sha256(path), network))
+    for i, spec in enumerate(specs):
+        checked = read(spec, index)
+        loras.append(LoadedLora(**vars(checked), adapter="sweep" if i == swept else f"fixed{i}"))
     return loras
 
 
@@ -63,10 +51,6 @@ class Adapters:
     """
 
     def __init__(self, pipe, loras: list[LoadedLora], mode: str = "fold"):
-        import warnings
-
-        from loratool.lora.apply import add_adapter
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.pipe, self.loras, self.mode = pipe, loras, mode
@@ -114,8 +98,6 @@ class Adapters:
 
     def _fold(self, weights: tuple[float, ...]) -> None:
         """One rounding per switch (computed in float32); back at 0 the layers are W0 up to that rounding."""
-        from loratool.lora.apply import fold_network
-
         for lora, old, new in zip(self.loras, self.current, weights, strict=True):
             if new != old:
                 for component, attr in COMPONENT_MODELS.items():

@@ -1,0 +1,71 @@
+"""Copy-machine mode's data: one image (or each image of a --pair) with the empty prompt, encoded once.
+
+The copy machine overfits a LoRA until the base renders the image from the empty prompt; `trainees` hands the
+loop one Trainee per image, loading the base for the next image only after the previous LoRA is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from loratool.data.images import TrainImage, compare_pair, prepare
+from loratool.files import sha256
+from loratool.sdxl.index import ModelIndex
+from loratool.sdxl.models import load_pipeline
+from loratool.train.batch import Batch, OneBatch
+from loratool.train.check import CopyChecker
+from loratool.train.conditioning import encode_once, release_encoders
+from loratool.train.config import TrainConfig
+from loratool.train.model import Trainee, fold_base_loras, inject_lora, load_quantized_unet, weights_runtime
+
+
+def trainees(config: TrainConfig) -> Iterator[tuple[Trainee, Path, dict]]:
+    """(trainee, LoRA path, timings) per image; a bad image fails before any model loads."""
+    if config.pair:
+        compare_pair(*config.images)
+    images = [prepare(p, config.resolution) for p in config.images]
+    for image, path in zip(images, config.lora_paths(), strict=True):
+        started = time.perf_counter()
+        trainee = load_trainee(config, image)
+        yield trainee, path, {"load_and_encode_s": time.perf_counter() - started}
+
+
+def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
+    """Load the base (quantized on request), then prepare it for training."""
+    runtime = weights_runtime(config)
+    parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
+    pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)
+    return trainee_from_pipeline(pipe, config, image)
+
+
+def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Trainee:
+    """Fold --base-lora files, encode once, free the encoders, inject the LoRA. Consumes `pipe`."""
+    from diffusers import DDPMScheduler
+
+    index = ModelIndex.of_pipeline(pipe)  # before peft wraps the modules
+    base_loras = fold_base_loras(pipe, config, index)
+    encoded = encode_once(pipe, image)
+    vae = release_encoders(pipe, keep_decoder=bool(config.check_every))
+    inject_lora(pipe.unet, config)
+    checker = None
+    if vae is not None:
+        reference = ((image.pixels[None] + 1) / 2).clamp(0, 1)
+        seeds = list(range(config.check_seeds))
+        checker = CopyChecker(vae, dict(pipe.scheduler.config), encoded, reference, seeds, config.check_steps)
+    batch = Batch(encoded.latent, encoded.time_ids, [""], encoded.prompt_embeds, encoded.pooled)
+    trainee = Trainee(
+        unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        source=OneBatch(batch),
+        keymap=index.keymap,
+        device=encoded.latent.device,
+        data_sha256=sha256(image.path),
+        checker=checker,
+        image=image,
+        base_loras=base_loras,
+    )
+    if checker:
+        trainee.vae_psnr = checker.vae_ceiling()
+    return trainee
