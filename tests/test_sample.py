@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loratool.sweep import lora_spec, scale_labels, slider_scales, spearman, value_scales
+from loratool.metrics import spearman
+from loratool.sample.config import lora_spec
+from loratool.sample.scales import scale_labels, slider_scales, value_scales
 from tests.test_lora_files import random_network
 
 PROMPT = "a red circle"
@@ -38,8 +40,8 @@ def _sweep(tiny, loras: list[str], scales, **kw):
     """The library path (read, check, inject, switch, render) with float outputs: {(seed, scale): HxWx3}."""
     from loratool import sample
     from loratool.lora.adapters import Adapters, read_loras
+    from loratool.sample.sweep import make_prompt, render_sweep
     from loratool.sdxl.models import pick_runtime
-    from loratool.slider import render_sweep
 
     config = sample.SampleConfig(
         prompt=PROMPT, steps=4, model=str(tiny / "base"), refiner="none", loras=loras, scales=scales, **kw
@@ -47,7 +49,7 @@ def _sweep(tiny, loras: list[str], scales, **kw):
     base, _ = sample._load(config, pick_runtime("cpu"))
     swept = config.swept_index()
     adapters = Adapters(base, read_loras(base, [lora_spec(s) for s in loras], swept), mode=config.switch)
-    return render_sweep(base, None, config, adapters, sample._prompt(config), None, swept, output_type="np")
+    return render_sweep(base, None, config, adapters, make_prompt(config), None, swept, output_type="np")
 
 
 def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0):
@@ -228,3 +230,58 @@ def test_values_and_labels():
 def test_spearman(x, y, rho):
     got = spearman(x, y)
     assert got == (None if rho is None else pytest.approx(rho))
+
+
+def _imports(root: Path) -> dict[str, set[str]]:
+    """loratool module → the loratool modules it imports anywhere in its body (function-level imports too)."""
+    import ast
+
+    modules = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                }
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_sampling_takes_part_in_no_import_circle():
+    """Issue 17: slider.py and sample.py imported each other; the sample package has one floor per module."""
+    import loratool
+
+    graph = _imports(Path(loratool.__file__).parent)
+    ours = {m for m in graph if m.startswith("loratool.sample") or m == "loratool.metrics"}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == goal:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    assert [m for m in ours if reaches(m, m)] == []
+    climbs = [m for m in ours - {"loratool.sample"} if "loratool.sample" in graph[m]]
+    assert climbs == [], "a module of the package imports the package itself"
+
+
+def test_importing_the_sample_package_does_not_load_torch():
+    """Flags are checked (SampleConfig) before any heavy import, so a bad flag fails instantly."""
+    import subprocess
+    import sys
+
+    probe = "import sys, loratool.sample; print([m for m in ('torch', 'diffusers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -114,7 +114,8 @@ def measure_sweep(config: DemoConfig, sweep_dir: Path) -> dict:
     from PIL import Image
 
     from loratool.demo.shapes import measure
-    from loratool.sweep import image_name, scale_labels, spearman
+    from loratool.metrics import spearman
+    from loratool.sample.scales import image_name, scale_labels
 
     labels = scale_labels(config.scales)
     rows = {}
