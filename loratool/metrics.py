@@ -1,5 +1,5 @@
 """Measures shared by every verb, as pure functions: image similarity (PSNR, SSIM, mean absolute change) and the
-statistics of a series measured across a sweep (Spearman).
+statistics of a series measured across a sweep (Spearman, monotone growth, the largest jump's share).
 
 PSNR and SSIM take [0, 1] torch images shaped (C, H, W) or (N, C, H, W) and return one value per image (a 0-d
 tensor for a single image). SSIM follows Wang et al. 2004: 11×11 Gaussian window with σ = 1.5, K1 = 0.01,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -110,3 +111,28 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if vx == 0 or vy == 0:
         return None
     return cov / math.sqrt(vx * vy)
+
+
+def grows(values: Sequence[float]) -> bool | None:
+    """True when each value is at least the one before and the last exceeds the first (a flat series does not
+    grow); None for fewer than two values, where there is nothing to compare."""
+    if len(values) < 2:
+        return None
+    return all(b >= a for a, b in pairwise(values)) and values[-1] > values[0]
+
+
+def largest_share(jumps: Sequence[float]) -> float | None:
+    """The largest of several non-negative jumps as a share of their sum, in [1/len, 1]; None when they sum to 0.
+
+    Over the steps of a sweep, 1/len is an even glide and 1 a switch that happens in one step.
+    """
+    if any(j < 0 or not math.isfinite(j) for j in jumps):
+        raise ValueError(f"jumps must be finite and non-negative, not {list(jumps)}")
+    total = sum(jumps)
+    return max(jumps) / total if total > 0 else None
+
+
+def largest_jump_share(values: Sequence[float]) -> float | None:
+    """`largest_share` of the jumps |v[k+1] − v[k]| of a series measured at sorted scales: 1/(n−1) for a linear
+    ramp, 1 for a step; None when the series is constant (or shorter than 2) and so has no jump to share."""
+    return largest_share([abs(b - a) for a, b in pairwise(values)])

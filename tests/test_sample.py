@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from loratool.metrics import spearman
 from loratool.sample.config import lora_spec
 from loratool.sample.scales import scale_labels, slider_scales, value_scales
 from tests.test_lora_files import random_network
@@ -216,20 +215,6 @@ def test_values_and_labels():
     assert scale_labels([0.001, 0.004]) == ["0.001", "0.004"]
     assert lora_spec("x.safetensors:-0.5") == (Path("x.safetensors"), -0.5)
     assert lora_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
-
-
-@pytest.mark.parametrize(
-    "x,y,rho",
-    [
-        ([1, 2, 3, 4, 5], [5, 6, 7, 8, 7], 0.8207826816681233),  # scipy.stats.spearmanr, with a tie
-        ([1, 2, 3], [3, 2, 1], -1.0),
-        ([1, 0, 0, 0, 1], [0.5, 0.1, 0.0, 0.2, 0.6], 0.8660254037844387),  # |scale| of -1..1, ties
-        ([1, 1, 1], [1, 2, 3], None),
-    ],
-)
-def test_spearman(x, y, rho):
-    got = spearman(x, y)
-    assert got == (None if rho is None else pytest.approx(rho))
 
 
 def _imports(root: Path) -> dict[str, set[str]]:
