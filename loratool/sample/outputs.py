@@ -14,7 +14,7 @@ from pathlib import Path
 from loratool import __version__
 from loratool.files import atomic_path
 from loratool.sample.config import SampleConfig
-from loratool.sample.quality import log_table, measure
+from loratool.sample.quality import log_table, measure, summarise, summary_line
 from loratool.sample.scales import image_name, scale_labels
 from loratool.sample.sheet import contact_sheet, save_animation, save_sheet
 
@@ -97,10 +97,12 @@ def write_sweep(config: SampleConfig, outputs: Plan, images: dict, loras: list[d
     for seed, path in outputs.animations.items():
         save_animation([images[(seed, s)] for s in sorted(config.scales)], path, config.force)
     metrics = measure(config.scales, config.seeds, images)
+    summary = summarise(config.scales, metrics)
     log_table(config.scales, metrics)
-    manifest = _manifest(config, outputs, loras, n_base) | {"metrics": metrics}
+    manifest = _manifest(config, outputs, loras, n_base) | {"metrics": metrics, "summary": summary}
     with atomic_path(outputs.manifest, force=config.force) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info(summary_line(summary))
     written = outputs.all()
     log.info("wrote %d files to %s", len(written), config.output)
     return written
