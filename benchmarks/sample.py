@@ -70,16 +70,16 @@ def main() -> None:
     steps = args.steps or (30 if full else 4)
 
     from loratool.lora.io import keymap_for, write_lora
-    from loratool.sample import SampleConfig, _prompt, schedule
+    from loratool.sample import SampleConfig
+    from loratool.sample.pipeline import embeddings, render
+    from loratool.sample.sweep import make_prompt, make_schedule, render_sweep
     from loratool.sdxl.adapters import Adapters, read_loras
-    from loratool.sdxl.render import embeddings, render
-    from loratool.slider import render_sweep
 
     scales = [-1.0, -0.5, 0.0, 0.5, 1.0]
     config = SampleConfig(prompt="a red circle", steps=steps, refiner="refiner", loras=["x"], scales=scales)
-    prompt = _prompt(config)
+    prompt = make_prompt(config)
     refiner_embeds, embeds = embeddings(refiner, prompt), embeddings(base, prompt)
-    plan = schedule(base, config)
+    plan = make_schedule(base, config)
 
     def plain():
         for i in range(len(scales)):

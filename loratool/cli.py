@@ -260,7 +260,8 @@ def sample(
 ) -> None:
     """Render through SDXL base + refiner; with --lora, sweep one LoRA's scale (sheet, animation, sweep.json)."""
     from loratool import sample as verb
-    from loratool import sweep as scales
+    from loratool.sample.config import parse_pair, parse_seeds
+    from loratool.sample.scales import requested
 
     config = verb.SampleConfig(
         output=output,
@@ -268,20 +269,20 @@ def sample(
         prompt_2=prompt_2,
         negative_prompt=negative_prompt,
         negative_prompt_2=negative_prompt_2,
-        seeds=verb.parse_seeds(seeds) if seeds else [seed],
+        seeds=parse_seeds(seeds) if seeds else [seed],
         steps=steps,
         guidance=guidance,
         width=width,
         height=height,
-        original_size=verb.parse_pair(original_size, "--original-size", "x"),
-        crop=verb.parse_pair(crop, "--crop", ","),
-        target_size=verb.parse_pair(target_size, "--target-size", "x"),
+        original_size=parse_pair(original_size, "--original-size", "x"),
+        crop=parse_pair(crop, "--crop", ","),
+        target_size=parse_pair(target_size, "--target-size", "x"),
         scheduler=scheduler,
         high_noise_frac=high_noise_frac,
         refiner_frac=refiner_frac,
         loras=lora or [],
         sweep=sweep,
-        scales=scales.requested(slider, points, values),
+        scales=requested(slider, points, values),
         lora_start=lora_start,
         model=model,
         model_config=model_config,
@@ -385,7 +386,7 @@ def demo(
 ) -> None:
     """Train a slider on the embedded demo model and render it, offline, in minutes."""
     from loratool.demo import run as verb
-    from loratool.sample import parse_seeds
+    from loratool.sample.config import parse_seeds
 
     config = verb.DemoConfig(
         output=output,

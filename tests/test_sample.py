@@ -1,6 +1,7 @@
 """Slider sweeps on the tiny base + refiner: exactness against plain renders and direct adapters, outputs, errors."""
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from loratool.sample.scales import scale_labels, slider_scales, value_scales
 from loratool.sdxl.index import parse_spec
-from loratool.sweep import scale_labels, slider_scales, spearman, value_scales
 from tests.test_lora_files import random_network
 
 PROMPT = "a red circle"
@@ -17,7 +18,8 @@ PROMPT = "a red circle"
 
 @pytest.fixture(scope="module")
 def loras(tiny_models, tmp_path_factory):
-    """Two random LoRA files for the tiny base (one with text-encoder parts) and one for another base."""
+    """Two random LoRA files for the tiny base (one with text-encoder parts), one whose up weights are all zero
+    (no effect at any scale) and one for another base."""
     from diffusers import StableDiffusionXLPipeline
 
     from loratool.lora.io import keymap_for, write_lora
@@ -28,6 +30,10 @@ def loras(tiny_models, tmp_path_factory):
     keymap = keymap_for(pipe.unet)
     write_lora(random_network(pipe, seed=1), root / "a.safetensors", keymap=keymap)
     write_lora(random_network(pipe, seed=2, te=False), root / "b.safetensors", keymap=keymap)
+    zero = random_network(pipe, seed=4, te=False)
+    for m in zero:
+        m.up.zero_()
+    write_lora(zero, root / "zero.safetensors", keymap=keymap)
     wrong = random_network(pipe, seed=3, te=False)
     m = next(iter(wrong))  # same names, a wider layer: a LoRA made for another base
     wrong.add(LoraModule(m.component, m.path, torch.zeros(2, m.down.shape[1] * 2, *m.down.shape[2:]), m.up, 2.0))
@@ -38,9 +44,9 @@ def loras(tiny_models, tmp_path_factory):
 def _sweep(tiny, loras: list[str], scales, **kw):
     """The library path (read, check, inject, switch, render) with float outputs: {(seed, scale): HxWx3}."""
     from loratool import sample
+    from loratool.sample.sweep import make_prompt, render_sweep
     from loratool.sdxl.adapters import Adapters, read_loras
     from loratool.sdxl.models import pick_runtime
-    from loratool.slider import render_sweep
 
     config = sample.SampleConfig(
         prompt=PROMPT, steps=4, model=str(tiny / "base"), refiner="none", loras=loras, scales=scales, **kw
@@ -48,7 +54,7 @@ def _sweep(tiny, loras: list[str], scales, **kw):
     base, _ = sample._load(config, pick_runtime("cpu"))
     swept = config.swept_index()
     adapters = Adapters(base, read_loras(base, [parse_spec(s) for s in loras], swept), mode=config.switch)
-    return render_sweep(base, None, config, adapters, sample._prompt(config), None, swept, output_type="np")
+    return render_sweep(base, None, config, adapters, make_prompt(config), None, swept, output_type="np")
 
 
 def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0):
@@ -124,7 +130,10 @@ def test_cli_sweep_writes_images_sheet_animation_and_report(cli, tiny_models, lo
     assert list(report["metrics"]["0"]["mean_abs_change"]) == labels
     assert report["metrics"]["0"]["mean_abs_change"]["0.00"] == 0.0
     assert -1.0 <= report["metrics"]["1"]["spearman_abs_scale_vs_change"] <= 1.0
-    assert "spearman" in err
+    assert list(report["metrics"]["1"]["neighbour_change"]) == [f"{a}..{b}" for a, b in pairwise(labels)]
+    assert set(report["metrics"]["1"]["change_grows"]) == {"negative", "positive"}
+    assert report["summary"]["seeds"] == 2 and report["summary"]["even_glide"] == 0.25
+    assert "spearman" in err and len([line for line in err.splitlines() if line.startswith("slider: ")]) == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"seed{s}_scale{x}.png" for s in (0, 1) for x in labels]
         + ["sheet.png", "sweep.json", "sweep-seed0.gif", "sweep-seed1.gif"]
@@ -217,15 +226,102 @@ def test_values_and_labels():
     assert parse_spec("C:/loras/x.safetensors") == (Path("C:/loras/x.safetensors"), 1.0)
 
 
-@pytest.mark.parametrize(
-    "x,y,rho",
-    [
-        ([1, 2, 3, 4, 5], [5, 6, 7, 8, 7], 0.8207826816681233),  # scipy.stats.spearmanr, with a tie
-        ([1, 2, 3], [3, 2, 1], -1.0),
-        ([1, 0, 0, 0, 1], [0.5, 0.1, 0.0, 0.2, 0.6], 0.8660254037844387),  # |scale| of -1..1, ties
-        ([1, 1, 1], [1, 2, 3], None),
-    ],
-)
-def test_spearman(x, y, rho):
-    got = spearman(x, y)
-    assert got == (None if rho is None else pytest.approx(rho))
+def _imports(root: Path) -> dict[str, set[str]]:
+    """loratool module → the loratool modules it imports anywhere in its body (function-level imports too)."""
+    import ast
+
+    modules = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                }
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_sampling_takes_part_in_no_import_circle():
+    """Issue 17: slider.py and sample.py imported each other; the sample package has one floor per module."""
+    import loratool
+
+    graph = _imports(Path(loratool.__file__).parent)
+    ours = {m for m in graph if m.startswith("loratool.sample") or m == "loratool.metrics"}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == goal:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    assert [m for m in ours if reaches(m, m)] == []
+    climbs = [m for m in ours - {"loratool.sample"} if "loratool.sample" in graph[m]]
+    assert climbs == [], "a module of the package imports the package itself"
+
+
+def test_importing_the_sample_package_does_not_load_torch():
+    """Flags are checked (SampleConfig) before any heavy import, so a bad flag fails instantly."""
+    import subprocess
+    import sys
+
+    probe = "import sys, loratool.sample; print([m for m in ('torch', 'diffusers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_lora_whose_effect_grows_with_scale_glides_evenly(cli, tiny_models, loras, tmp_path):
+    """Issue 12: a small random LoRA changes the render more the further its scale is from 0, in even steps."""
+    out = tmp_path / "o"
+    _, err = _run(cli, tiny_models, out, "--lora", loras / "b.safetensors", "--seeds", "0,1", "--refiner", "none")
+    report = json.loads((out / "sweep.json").read_text())
+    for m in report["metrics"].values():
+        assert m["mean_abs_change"]["0.00"] == 0.0 and min(m["neighbour_change"].values()) > 0
+        assert m["change_grows"] == {"negative": True, "positive": True}
+        assert 0.25 <= m["glide"] < 0.35, m  # 0.25 is even; a switch would be near 1
+    summary = report["summary"]
+    assert summary["change_grows_on_seeds"] == {"negative": 2, "positive": 2, "all_sides": 2}
+    assert 0.25 <= summary["mean_glide"] < 0.35 and summary["mean_spearman_abs_scale_vs_change"] > 0.9
+    assert "change grows with |scale| on both sides on 2/2 seeds" in err
+
+
+def test_a_lora_without_effect_has_no_change_and_no_glide(cli, tiny_models, loras, tmp_path):
+    out = tmp_path / "o"
+    _, err = _run(cli, tiny_models, out, "--lora", loras / "zero.safetensors", "--points", "3", "--refiner", "none")
+    text = (out / "sweep.json").read_text()
+    assert "NaN" not in text
+    m, summary = json.loads(text)["metrics"]["0"], json.loads(text)["summary"]
+    assert set(m["mean_abs_change"].values()) == {0.0} and set(m["neighbour_change"].values()) == {0.0}
+    assert m["glide"] is None and m["spearman_abs_scale_vs_change"] is None
+    assert m["change_grows"] == {"negative": False, "positive": False}
+    assert summary["mean_glide"] is None and summary["change_grows_on_seeds"]["all_sides"] == 0
+    assert "slider: mean glide n/a" in err
+
+
+def test_slider_metrics_of_a_one_sided_sweep():
+    """Scales 0..1 have no negative side: its growth is None (not False) and the summary line names one side."""
+    from loratool.sample.quality import seed_metrics, summarise, summary_line
+
+    scales = [0.0, 0.5, 1.0]
+    m = seed_metrics(scales, [0.0, 0.1, 0.4], jumps=[0.1, 0.3])
+    assert m["change_grows"] == {"negative": None, "positive": True}
+    assert m["glide"] == pytest.approx(0.75) and m["neighbour_change"] == {"0.00..0.50": 0.1, "0.50..1.00": 0.3}
+    switch = seed_metrics(scales, [0.0, 0.4, 0.4], jumps=[0.4, 0.0])
+    summary = summarise(scales, {"0": m, "1": switch})
+    assert summary["change_grows_on_seeds"] == {"positive": 2, "all_sides": 2}
+    assert summary["mean_glide"] == pytest.approx(0.875) and summary["even_glide"] == 0.5
+    assert summary_line(summary) == (
+        "slider: mean glide 0.88 (even = 0.50), change grows with |scale| on the positive side on 2/2 seeds, "
+        "Spearman 0.93"  # (1 + 0.87) / 2: the switch's |scale| 0.5 and 1 tie on change
+    )

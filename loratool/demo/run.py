@@ -114,7 +114,7 @@ def measure_sweep(config: DemoConfig, sweep_dir: Path, pair: tuple[float, float]
     from PIL import Image
 
     from loratool.demo.evaluation import evaluate
-    from loratool.sweep import image_name, scale_labels
+    from loratool.sample.scales import image_name, scale_labels
 
     names = dict(zip(config.scales, scale_labels(config.scales), strict=True))
     images = {

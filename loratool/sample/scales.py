@@ -1,8 +1,4 @@
-"""Slider sweeps without torch: which scales, what the files are called, and how much each scale changed.
-
-The metric mirrors Concept Sliders' evaluation (distance to the scale-0 image over a range of scales),
-with a mean absolute pixel change instead of LPIPS so it needs no extra model.
-"""
+"""Which scales a sweep renders and what their files are called (the flags --slider, --points, --values)."""
 
 from __future__ import annotations
 
@@ -62,50 +58,3 @@ def scale_labels(scales: list[float]) -> list[str]:
 
 def image_name(seed: int, label: str) -> str:
     return f"seed{seed}_scale{label}.png"
-
-
-def mean_abs_change(image, reference) -> float:
-    """Mean |Δ| over all pixels and channels, in [0, 1] (images as uint8 arrays or PIL images)."""
-    import numpy as np
-
-    a = np.asarray(image, dtype=np.float64) / 255.0
-    b = np.asarray(reference, dtype=np.float64) / 255.0
-    return float(np.abs(a - b).mean())
-
-
-def _ranks(values: list[float]) -> list[float]:
-    """1-based ranks; tied values share the mean of their ranks."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation (Pearson on tie-averaged ranks); None when either side is constant."""
-    if len(x) != len(y):
-        raise ValueError("spearman needs two lists of the same length")
-    rx, ry = _ranks(x), _ranks(y)
-    n = len(x)
-    mx, my = sum(rx) / n if n else 0.0, sum(ry) / n if n else 0.0
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    if vx == 0 or vy == 0:
-        return None
-    return cov / math.sqrt(vx * vy)
-
-
-def seed_metrics(scales: list[float], changes: list[float]) -> dict:
-    """Per-seed entry of sweep.json: change vs scale 0 at each scale and its rank correlation with |scale|."""
-    return {
-        "mean_abs_change": dict(zip(scale_labels(scales), changes, strict=True)),
-        "spearman_abs_scale_vs_change": spearman([abs(s) for s in scales], changes),
-    }

@@ -1,0 +1,91 @@
+"""`loratool sample`: plain renders, or slider sweeps of one LoRA through SDXL base + refiner.
+
+`run` reads top to bottom: plan the outputs (refusing overwrites before any work) → load models → read and
+check LoRAs → encode prompts once → render every (scale, seed) switching adapter weights in place →
+write PNGs, contact sheet, animations and sweep.json.
+
+Refiner policy (ensemble of experts): the base, carrying the LoRAs, denoises the first `high_noise_frac`
+of the `steps`-step schedule; the refiner, carrying NO LoRA, denoises the rest. `refiner_frac` F is the
+same split seen from the refiner: it runs the last F of the schedule (≈ F·steps steps), the base the first
+1−F. A refiner can wash a slider out (Forge #52); `--refiner none` or a small F keeps more of it.
+
+The package, one job per module; each imports only modules listed above it (and none imports this one):
+  pipeline  one image through base + refiner: schedulers, prompt embeddings, the hand-off
+  config    SampleConfig and the parsers of its flags
+  scales    which scales a sweep renders, their labels and file names
+  sweep     every (scale, seed) with the LoRA weights switched in place
+  quality   slider metrics of a sweep: change vs scale 0, growth with |scale|, glide
+  sheet     contact sheet and animation
+  outputs   the files: PNG text chunks, sheet, animations, sweep.json
+torch, diffusers and the LoRA code load inside `run`, so importing the package (and checking flags) is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from loratool.errors import InputError
+from loratool.files import check_writable
+from loratool.sample.config import SampleConfig
+from loratool.sample.outputs import plan, save_png, write_sweep
+from loratool.sample.pipeline import embeddings, render, set_scheduler
+from loratool.sample.sweep import base_step_count, make_prompt, make_schedule, render_sweep
+from loratool.sdxl.models import load_models, pick_runtime
+
+__all__ = ["SampleConfig", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def run(config: SampleConfig) -> list[Path]:
+    """Render and write everything in `plan(config)`; returns the files written."""
+    outputs = plan(config)
+    for path in outputs.all():
+        check_writable(path, config.force)
+    runtime = pick_runtime(config.device, config.precision)
+    if (config.cpu_offload or config.compile) and not runtime.device.startswith("cuda"):
+        flag = "--cpu-offload" if config.cpu_offload else "--compile"
+        raise InputError(f"{flag} needs a CUDA device; this run is on {runtime.device}: leave {flag} out.")
+    base, refiner = _load(config, runtime)
+    prompt = make_prompt(config)
+    refiner_embeds = embeddings(refiner, prompt) if refiner is not None else None  # before any LoRA is injected
+    if not config.loras:
+        embeds = embeddings(base, prompt)
+        _compile(base, config)
+        for seed in config.seeds:
+            path = outputs.images[(seed, 0.0)]
+            image = render(base, refiner, prompt, make_schedule(base, config), seed, embeds, refiner_embeds)
+            save_png(image, path, config, seed)
+            log.info("wrote %s", path)
+        return list(outputs.images.values())
+    from loratool.sdxl.adapters import Adapters, read_loras  # imports torch
+
+    swept = config.swept_index()
+    loras = read_loras(base, config.loras, swept)  # a misfit fails before rendering
+    adapters = Adapters(base, loras, mode=config.switch)
+    _compile(base, config)
+    images = render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept)
+    records = [x.record(i == swept) for i, x in enumerate(loras)]
+    return write_sweep(config, outputs, images, records, base_step_count(base, config, refiner is not None))
+
+
+def _load(config: SampleConfig, runtime):
+    base, refiner = load_models(
+        config.model,
+        config.refiner if config.uses_refiner else None,
+        runtime,
+        vae=config.vae,
+        model_config=config.model_config,
+        refiner_config=config.refiner_config,
+    )
+    for pipe in (base, refiner):
+        set_scheduler(pipe, config.scheduler)
+        if pipe is not None and config.cpu_offload:
+            pipe.enable_model_cpu_offload(device=runtime.device)
+    return base, refiner
+
+
+def _compile(base, config: SampleConfig) -> None:
+    if config.compile:  # in place: the UNet stays a ModelMixin, so set_adapters still finds it
+        base.unet.compile()
