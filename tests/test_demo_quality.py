@@ -1,7 +1,8 @@
-"""Quality acceptance on the embedded demo model: the copy machine copies and the size slider slides.
+"""Quality acceptance on the embedded demo model (v2): copies copy, and sliders slide for size, colour and place.
 
-Each recipe trains two copy LoRAs and renders a sweep (about two minutes on one CPU thread): marked slow,
-and CI runs them. `loratool demo` itself runs recipe 2, through the CLI.
+Each concept trains two copy LoRAs on its pair and sweeps the merged slider (about two minutes on one CPU
+thread): marked slow, and CI runs them. The size run goes through the `loratool demo` CLI. The figures are
+what `loratool.demo.evaluation` measures; the closing notes of the demo issues give them over 8 seeds.
 """
 
 import json
@@ -16,35 +17,44 @@ from loratool.metrics import psnr
 
 pytestmark = pytest.mark.slow
 SEEDS = [0, 1, 2, 3]
+# Measured on 8 seeds with the v2 model (closing note); CI's 4 seeds get a little slack.
+FLOORS = {"mean_spearman": 0.9, "span": 0.5, "kept": 0.85}
+MAX_GLIDE = 0.5
 
 
 @pytest.fixture(scope="module")
-def recipe2(tmp_path_factory):
+def size_run(tmp_path_factory):
     """`loratool demo` (size, recipe 2) through the CLI: (stdout, summary, output folder)."""
     from loratool.cli import app
 
-    out = tmp_path_factory.mktemp("recipe2") / "demo-out"
+    out = tmp_path_factory.mktemp("size") / "demo-out"
     result = CliRunner().invoke(app, ["demo", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     return result.stdout, json.loads((out / "demo.json").read_text()), out
 
 
-@pytest.fixture(scope="module")
-def recipe1(tmp_path_factory):
+def _demo(tmp_path_factory, concept):
     from loratool.demo.run import DemoConfig, run
 
-    out = tmp_path_factory.mktemp("recipe1") / "demo-out"
-    return json.loads(run(DemoConfig(output=out, recipe=1)).read_text())
+    out = tmp_path_factory.mktemp(concept) / "demo-out"
+    return json.loads(run(DemoConfig(output=out, concept=concept, seeds=SEEDS)).read_text())
 
 
-def test_demo_command_writes_the_whole_workflow_and_prints_where(recipe2):
-    stdout, summary, out = recipe2
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    return _demo(tmp_path_factory, "colour")
+
+
+@pytest.fixture(scope="module")
+def position_run(tmp_path_factory):
+    return _demo(tmp_path_factory, "position")
+
+
+def test_demo_command_writes_the_whole_workflow_and_prints_where(size_run):
+    stdout, summary, out = size_run
     assert stdout.strip().endswith(str(out / "demo.json"))
-    assert (
-        f"slider: {out / 'slider.safetensors'}" in stdout
-        and summary["sweep_prompt"] == "a blue triangle on the left"
-        and "copy checks: copy_minus" in stdout
-    )
+    assert f"slider: {out / 'slider.safetensors'}" in stdout and "copy checks: copy_minus" in stdout
+    assert "size vs scale over 4 seeds: mean Spearman" in stdout
     assert set(summary["copy_psnr_db"]) == {"copy_minus", "copy_plus"}
     for name in (
         "pair_plus.png",
@@ -58,7 +68,14 @@ def test_demo_command_writes_the_whole_workflow_and_prints_where(recipe2):
     ):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "sweep").glob("*.gif")) == [f"sweep-seed{s}.gif" for s in SEEDS]
-    assert summary["pair"]["plus"]["size"] == "large" and summary["pair"]["minus"]["size"] == "small"
+    minus, plus = summary["pair"]["minus"], summary["pair"]["plus"]
+    assert minus["radius"] != plus["radius"] and {k: v for k, v in minus.items() if k != "radius"} == {
+        k: v for k, v in plus.items() if k != "radius"
+    }
+    words = set(summary["sweep_prompt"].split())
+    assert not words & {"small", "large"} and minus["shape"] in words  # swept in a prompt without the concept
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert sweep["summary"]["mean_glide"] is not None  # the generic metrics of every sweep
 
 
 def _renders(lora, out, scales):
@@ -76,8 +93,8 @@ def _tensor(path):
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(recipe2, tmp_path):
-    _, _, out = recipe2
+def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(size_run, tmp_path):
+    _, _, out = size_run
     target = _tensor(out / "pair_plus.png")
     renders = _renders(out / "copy_plus.safetensors", tmp_path / "copy", [0.0, 1.0])
     without = np.mean([psnr(_tensor(renders[seed, 0.0]), target).item() for seed in SEEDS])
@@ -87,19 +104,35 @@ def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(reci
 
 
 def _check_slider(summary):
-    scales = [float(s) for s in summary["config"]["scales"]]
-    rows = np.array([summary["per_seed"][str(seed)]["attribute"] for seed in SEEDS])  # seeds × scales
-    assert len(SEEDS) >= 4 and summary["mean_spearman"] >= 0.9, summary["per_seed"]
-    low, zero, high = (rows[:, scales.index(s)].mean() for s in (-1.0, 0.0, 1.0))
-    plus, minus = summary["pair_attribute"]["plus"], summary["pair_attribute"]["minus"]
-    assert plus > minus  # the size pair: +1 is the large shape
-    assert low < zero < high, (low, zero, high)  # −1 toward the small image, +1 toward the large one
-    assert (rows[:, -1] > rows[:, 0]).all(), rows
+    quality = summary["slider_quality"]
+    got = quality["summary"]
+    for key, floor in FLOORS.items():
+        assert got[key] >= floor, (key, got, quality["per_seed"])
+    assert got["mean_glide"] <= MAX_GLIDE, (got, quality["per_seed"])
+    progress = np.array([row["progress"] for row in quality["per_seed"].values()])  # seeds × scales (sorted)
+    assert (progress[:, -1] > progress[:, 0]).all(), progress  # +1 nearer the plus image on every seed
 
 
-def test_recipe2_slider_is_monotonic_in_the_measured_size(recipe2):
-    _check_slider(recipe2[1])
+def test_size_slider_glides_from_the_minus_to_the_plus_image(size_run):
+    _check_slider(size_run[1])
 
 
-def test_recipe1_slider_is_monotonic_in_the_measured_size(recipe1):
-    _check_slider(recipe1)
+def test_colour_slider_glides_from_the_minus_to_the_plus_image(colour_run):
+    _check_slider(colour_run)
+
+
+def test_position_slider_glides_from_the_minus_to_the_plus_image(position_run):
+    _check_slider(position_run)
+
+
+def test_recipe1_trains_the_plus_copy_on_the_minus_copy_folded_in(tmp_path):
+    """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy."""
+    from safetensors import safe_open
+
+    from loratool.demo.run import DemoConfig, run
+
+    summary = json.loads(run(DemoConfig(output=tmp_path / "r1", recipe=1, steps=20, seeds=[0])).read_text())
+    with safe_open(tmp_path / "r1" / "slider.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert "copy_minus.safetensors" in json.dumps(meta)  # the folded-in base LoRA is recorded
+    assert summary["slider_quality"]["per_seed"]["0"]["progress"]
