@@ -172,8 +172,9 @@ def _check_type(key: str, value: Any, hint: Any, source: Path | None) -> None:
         ok += {float: [int, float], Path: [str], tuple: [list, tuple], type(None): [type(None)]}.get(origin, [origin])
     if Any in kinds or (isinstance(value, tuple(ok)) and (bool in ok or not isinstance(value, bool))):
         return
-    raise InputError(f"--config {source}: {key} = {value!r} is not a {_kind_name(hint)}.")
+    raise InputError(f"--config {source}: {key} = {value!r} should be {_kind_name(hint)}.")
 
 
 def _kind_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+    text = hint.__name__ if isinstance(hint, type) else str(hint)
+    return text.replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
