@@ -20,6 +20,7 @@ from loratool.errors import InputError, LoratoolError
 from loratool.merge import MergeConfig
 from loratool.options import from_config, settings, typed
 from loratool.sample.config import SWEEP, SampleConfig
+from loratool.sdxl.index import parse_spec
 from loratool.train.config import MODES, DreamboothConfig, TrainConfig
 
 app = typer.Typer(
@@ -231,10 +232,12 @@ def demo(
 
 
 def _recorded_model(lora) -> str | None:
-    """A LoRA's recorded base model, when usable here; said on stderr, since it replaces the default."""
-    model = recorded.base_model(lora if isinstance(lora, str | Path) else lora[0])
+    """A LoRA's recorded base model (FILE[:WEIGHT] or a parsed spec), when usable here; said on stderr, since
+    it replaces the default."""
+    path = parse_spec(lora if isinstance(lora, str | Path) else tuple(lora)).path
+    model = recorded.base_model(path)
     if model:
-        logging.getLogger("loratool").info("model: %s (recorded in %s)", model, Path(str(lora)).name)
+        logging.getLogger("loratool").info("model: %s (recorded in %s)", model, path.name)
     return model
 
 

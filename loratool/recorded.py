@@ -69,13 +69,10 @@ def metadata(path: Path) -> dict[str, str] | None:
     return meta if isinstance(meta, dict) else {}
 
 
-def base_model(lora: str | Path) -> str | None:
-    """The base model a LoRA records, when it can be loaded here: the `demo` alias or a folder that exists.
+def base_model(path: Path) -> str | None:
+    """The base model a LoRA file records, when it can be loaded here: the `demo` alias or a folder that exists.
 
     A hub id is not used: offline it would fail, and SDXL 1.0 base is every verb's default anyway.
     """
-    from loratool.sdxl.index import parse_spec
-
-    path = parse_spec(lora if isinstance(lora, Path) else str(lora)).path
-    model = (metadata(path) or {}).get("loratool_base_model")
+    model = (metadata(Path(path)) or {}).get("loratool_base_model")
     return model if model == "demo" or (model and Path(model).expanduser().is_dir()) else None
