@@ -15,8 +15,13 @@ from typing import Annotated
 
 import typer
 
-from loratool import __version__
+from loratool import __version__, recorded
 from loratool.errors import InputError, LoratoolError
+from loratool.merge import MergeConfig
+from loratool.options import from_config, settings, typed
+from loratool.sample.config import SWEEP, SampleConfig
+from loratool.sdxl.index import parse_spec
+from loratool.train.config import MODES, DreamboothConfig, TrainConfig
 
 app = typer.Typer(
     name="loratool",
@@ -26,24 +31,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelOpt = Annotated[
-    str,
-    typer.Option("--model", help="Hub id, diffusers folder or single-file .safetensors SDXL checkpoint."),
-]
-ModelConfigOpt = Annotated[
-    str | None,
-    typer.Option("--model-config", help="Local diffusers folder whose configs describe a single-file --model."),
-]
-RefinerOpt = Annotated[str, typer.Option("--refiner", help="Refiner hub id, folder or file; 'none' disables it.")]
-VaeOpt = Annotated[
-    str | None,
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+ConfigOpt = Annotated[
+    Path | None,
     typer.Option(
-        "--vae", help="VAE override; on CUDA fp16 the fp16-fix VAE is the default ('base' keeps the model's)."
+        "--config",
+        help="Settings from a TOML file (keys: the option names with _), or the config an output recorded "
+        "(a LoRA .safetensors, report or sweep.json) to reproduce it. Flags override it.",
     ),
 ]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto|fp16|bf16|fp32 (auto: fp16 on GPU, fp32 on CPU).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 
 
 def handled(fn: Callable) -> Callable:
@@ -86,264 +82,98 @@ def _root(
 
 @app.command()
 @handled
+@from_config(TrainConfig, DreamboothConfig)
 def train(
+    ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None, typer.Argument(help="Training image (copy mode) or folder of images (dreambooth).")
     ] = None,
-    output: Annotated[
-        Path, typer.Option("-o", "--output", help="Output .safetensors (with --pair: a prefix for _a/_b).")
-    ] = Path("lora.safetensors"),
     mode: Annotated[str, typer.Option("--mode", help="copy | dreambooth | wrong")] = "copy",
     pair: Annotated[
         tuple[Path, Path] | None, typer.Option("--pair", help="Two images A B: trains both, identical settings.")
     ] = None,
-    model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
-    model_config: ModelConfigOpt = None,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank (1..128).")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha; scale = alpha / rank.")] = 8.0,
-    steps: Annotated[int, typer.Option("--steps")] = 1500,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-4,
-    resolution: Annotated[int, typer.Option("--resolution", help="Bucket area ≈ resolution² (multiple of 64).")] = 1024,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw8bit (CUDA).")] = "adamw",
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no | fp16 | bf16")] = "no",
-    gradient_accumulation: Annotated[int, typer.Option("--gradient-accumulation")] = 1,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Less memory.")] = False,
-    noise_offset: Annotated[float, typer.Option("--noise-offset")] = 0.0,
-    pure_noise: Annotated[
-        float, typer.Option("--pure-noise", help="Copy mode: share of steps trained from pure noise, e.g. 0.25.")
-    ] = 0.0,
-    min_snr_gamma: Annotated[float | None, typer.Option("--min-snr-gamma", help="Min-SNR weighting, e.g. 5.")] = None,
-    check_every: Annotated[
-        int | None, typer.Option("--check-every", help="Copy check every N steps (default steps/10; 0: off).")
-    ] = None,
-    check_seeds: Annotated[int, typer.Option("--check-seeds", help="Seeds rendered per check.")] = 2,
-    check_steps: Annotated[int, typer.Option("--check-steps", help="Sampling steps per check render.")] = 8,
-    stop_when_copied: Annotated[
-        float | None, typer.Option("--stop-when-copied", help="Stop once mean PSNR ≥ this many dB.")
-    ] = None,
-    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps into <name>.ckpt/.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
-    base_lora: Annotated[
-        list[str] | None, typer.Option("--base-lora", help="FILE[:WEIGHT] folded into the base first (repeatable).")
-    ] = None,
-    quantize_base: Annotated[str | None, typer.Option("--quantize-base", help="nf4 | int8 (CUDA).")] = None,
-    device: DeviceOpt = None,
-    force: ForceOpt = False,
-    prompt: Annotated[str, typer.Option("--prompt", help="Dreambooth instance prompt (.txt captions win).")] = "",
-    class_prompt: Annotated[
-        str | None, typer.Option("--class-prompt", help="Dreambooth prior preservation: the class, e.g. 'a dog'.")
-    ] = None,
-    class_dir: Annotated[
-        Path | None, typer.Option("--class-dir", help="Class images; missing ones are generated (default <out>.class).")
-    ] = None,
-    num_class_images: Annotated[int, typer.Option("--num-class-images")] = 100,
-    prior_loss_weight: Annotated[float, typer.Option("--prior-loss-weight")] = 1.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step, all from one aspect bucket.")] = 1,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Keep latents and prompt embeddings on disk for later runs.")
-    ] = None,
-    train_text_encoder: Annotated[
-        bool, typer.Option("--train-text-encoder", help="LoRAs on both text encoders too (dreambooth).")
-    ] = False,
-    num_images: Annotated[int, typer.Option("--num-images", help="Wrong mode: failure images to generate.")] = 100,
-    wrong_dir: Annotated[
-        Path | None, typer.Option("--wrong-dir", help="Wrong mode's dataset folder (default <out>.wrong), reused.")
-    ] = None,
-    generate_steps: Annotated[
-        int, typer.Option("--generate-steps", help="Sampling steps per generated class/wrong image.")
-    ] = 25,
+    config_file: ConfigOpt = None,
+    **given,
 ) -> None:
     """Train a LoRA: copy-machine (one image, empty prompt), dreambooth, or the negative 'wrong' LoRA."""
-    if mode not in ("copy", "dreambooth", "wrong"):
-        raise InputError(f"--mode must be copy, dreambooth or wrong, not {mode!r}.")
     if pair and inputs:
         raise InputError("pass either one image or --pair A B, not both.")
+    from_file = recorded.config_file(config_file, "train") if config_file else {}
+    mode = mode if typed(ctx, "mode") else from_file.pop("mode", mode)
+    from_file.pop("mode", None)
+    if mode not in MODES:
+        raise InputError(f"--mode must be copy, dreambooth or wrong, not {mode!r}.")
+    if pair:
+        given |= {"images": list(pair), "pair": True}
+    elif inputs or "images" not in from_file:  # images on the command line replace a file's (or its pair)
+        given |= {"images": inputs or [], "pair": False}
     from loratool import train as verb
 
-    extra = {}
-    if mode != "copy":
-        extra = dict(
-            mode=mode,
-            prompt=prompt,
-            class_prompt=class_prompt,
-            class_dir=class_dir,
-            num_class_images=num_class_images,
-            prior_loss_weight=prior_loss_weight,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            train_text_encoder=train_text_encoder,
-            num_images=num_images,
-            wrong_dir=wrong_dir,
-            generate_steps=generate_steps,
-        )
-    config = (verb.DreamboothConfig if extra else verb.TrainConfig)(
-        **extra,
-        images=list(pair) if pair else list(inputs or []),
-        output=output,
-        pair=pair is not None,
-        model=model,
-        model_config=model_config,
-        rank=rank,
-        alpha=alpha,
-        steps=steps,
-        lr=lr,
-        resolution=resolution,
-        seed=seed,
-        optimizer=optimizer,
-        mixed_precision=mixed_precision,
-        gradient_accumulation=gradient_accumulation,
-        gradient_checkpointing=gradient_checkpointing,
-        noise_offset=noise_offset,
-        pure_noise=pure_noise,
-        min_snr_gamma=min_snr_gamma,
-        check_every=check_every,
-        check_seeds=check_seeds,
-        check_steps=check_steps,
-        stop_when_copied=stop_when_copied,
-        save_every=save_every,
-        resume=resume,
-        base_loras=base_lora or [],
-        quantize_base=quantize_base,
-        device=device,
-        force=force,
-    )
+    cls = TrainConfig if mode == "copy" else DreamboothConfig
+    values = settings(cls, given, from_file, config_file, mode=(mode, (TrainConfig, DreamboothConfig)))
+    config = cls(**values, **({} if mode == "copy" else {"mode": mode}))
     for path in verb.run(config):
         typer.echo(str(path))
 
 
 @app.command()
 @handled
+@from_config(SampleConfig)
 def sample(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("samples"),
-    prompt: Annotated[str, typer.Option("--prompt", help="Prompt for both text encoders.")] = "",
-    prompt_2: Annotated[str | None, typer.Option("--prompt-2", help="Prompt for text encoder 2 only.")] = None,
-    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
-    negative_prompt_2: Annotated[str | None, typer.Option("--negative-prompt-2")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (rows of the sheet).")] = None,
-    steps: Annotated[int, typer.Option("--steps")] = 30,
-    guidance: Annotated[float, typer.Option("--guidance")] = 5.0,
-    width: Annotated[int | None, typer.Option("--width", help="Default: the model's native size.")] = None,
-    height: Annotated[int | None, typer.Option("--height")] = None,
-    original_size: Annotated[str | None, typer.Option("--original-size", help="Micro-conditioning WxH.")] = None,
-    crop: Annotated[str, typer.Option("--crop", help="Micro-conditioning crop X,Y (left,top).")] = "0,0",
-    target_size: Annotated[str | None, typer.Option("--target-size", help="Micro-conditioning WxH.")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="euler | euler-a | dpm++2m | ddim.")] = None,
-    high_noise_frac: Annotated[
-        float | None, typer.Option("--high-noise-frac", help="Base's share of the schedule (default 0.8).")
-    ] = None,
-    refiner_frac: Annotated[
-        float | None,
-        typer.Option("--refiner-frac", help="Refiner runs only the last F of the schedule, the base the rest."),
-    ] = None,
-    lora: Annotated[list[str] | None, typer.Option("--lora", help="LoRA FILE[:WEIGHT] (repeatable).")] = None,
-    sweep: Annotated[str | None, typer.Option("--sweep", help="The --lora FILE to sweep (with several).")] = None,
     slider: Annotated[
-        str | None, typer.Option("--slider", help="Scale range A..B for the swept LoRA (default -1..1).")
+        str | None,
+        typer.Option("--slider", help="Scale range A..B for the swept LoRA (default -1..1).", rich_help_panel=SWEEP),
     ] = None,
-    points: Annotated[int, typer.Option("--points", help="Evenly spaced scales in --slider (0 added).")] = 5,
-    values: Annotated[str | None, typer.Option("--values", help="Explicit scales v1,v2,… (not --slider).")] = None,
-    lora_start: Annotated[
-        float, typer.Option("--lora-start", help="Swept LoRA off for this fraction of the base steps.")
-    ] = 0.0,
-    model: ModelOpt = "stabilityai/stable-diffusion-xl-base-1.0",
-    model_config: ModelConfigOpt = None,
-    refiner: RefinerOpt = "stabilityai/stable-diffusion-xl-refiner-1.0",
-    refiner_config: Annotated[str | None, typer.Option("--refiner-config")] = None,
-    vae: VaeOpt = None,
-    precision: PrecisionOpt = "auto",
-    device: DeviceOpt = None,
-    cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Model CPU offload (CUDA only).")] = False,
-    compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA only).")] = False,
-    force: ForceOpt = False,
+    points: Annotated[
+        int | None,
+        typer.Option("--points", help="Evenly spaced scales in --slider (0 added).", rich_help_panel=SWEEP),
+    ] = None,
+    values: Annotated[
+        str | None, typer.Option("--values", help="Explicit scales v1,v2,… (not --slider).", rich_help_panel=SWEEP)
+    ] = None,
+    config_file: ConfigOpt = None,
+    **given,
 ) -> None:
     """Render through SDXL base + refiner; with --lora, sweep one LoRA's scale (sheet, animation, sweep.json)."""
     from loratool import sample as verb
-    from loratool.sample.config import parse_pair, parse_seeds
     from loratool.sample.scales import requested
 
-    config = verb.SampleConfig(
-        output=output,
-        prompt=prompt,
-        prompt_2=prompt_2,
-        negative_prompt=negative_prompt,
-        negative_prompt_2=negative_prompt_2,
-        seeds=parse_seeds(seeds) if seeds else [seed],
-        steps=steps,
-        guidance=guidance,
-        width=width,
-        height=height,
-        original_size=parse_pair(original_size, "--original-size", "x"),
-        crop=parse_pair(crop, "--crop", ","),
-        target_size=parse_pair(target_size, "--target-size", "x"),
-        scheduler=scheduler,
-        high_noise_frac=high_noise_frac,
-        refiner_frac=refiner_frac,
-        loras=lora or [],
-        sweep=sweep,
-        scales=requested(slider, points, values),
-        lora_start=lora_start,
-        model=model,
-        model_config=model_config,
-        refiner=refiner,
-        refiner_config=refiner_config,
-        vae=vae,
-        precision=precision,
-        device=device,
-        cpu_offload=cpu_offload,
-        compile=compile_unet,
-        force=force,
-    )
-    for path in verb.run(config):
+    if (slider, points, values) != (None, None, None):
+        given["scales"] = requested(slider, points, values)
+    from_file = recorded.config_file(config_file, "sample") if config_file else {}
+    config = settings(SampleConfig, given, from_file, config_file)
+    if "model" not in config and config.get("loras") and (model := _recorded_model(config["loras"][0])):
+        config["model"] = model
+        if model == "demo":  # the demo's base goes with the demo's refiner
+            config.setdefault("refiner", "demo")
+    for path in verb.run(verb.SampleConfig(**config)):
         typer.echo(str(path))
 
 
 @app.command()
 @handled
+@from_config(MergeConfig)
 def merge(
-    inputs: Annotated[list[str], typer.Argument(help="LoRA files, each FILE[:WEIGHT] (weight default 1).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors (or folder with --into-base).")],
-    svd: Annotated[
-        bool | None, typer.Option("--svd/--no-svd", help="Exact SVD re-factoring (default for 2+ inputs).")
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="LoRA files, each FILE[:WEIGHT] (weight default 1).", show_default=False)
     ] = None,
     concat: Annotated[bool, typer.Option("--concat", help="Same as --no-svd: exact rank concatenation.")] = False,
-    rank: Annotated[int | None, typer.Option("--rank", help="Truncate each module to this rank.")] = None,
-    sv_fro: Annotated[float | None, typer.Option("--sv-fro", help="Keep the Frobenius-norm fraction F.")] = None,
-    sv_ratio: Annotated[float | None, typer.Option("--sv-ratio", help="Keep singular values > S0/R.")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="Output alpha (default: rank, scale 1).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp16 | bf16 | fp32 for the output.")] = "fp16",
-    float64: Annotated[bool, typer.Option("--float64", help="Compute in float64 (default float32).")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="kohya (default) or diffusers.")] = "kohya",
-    model: Annotated[
-        str | None, typer.Option("--model", help="Base to check against / fold into (default: SDXL 1.0 base).")
-    ] = None,
-    model_config: ModelConfigOpt = None,
-    into_base: Annotated[bool, typer.Option("--into-base", help="Fold the LoRAs into --model, write a model.")] = False,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the per-module table as JSON.")] = None,
-    force: ForceOpt = False,
+    config_file: ConfigOpt = None,
+    **given,
 ) -> None:
     """Fold LoRAs at signed weights (A:1 B:-1 → slider) and re-factor each layer exactly with SVD."""
     from loratool import merge as verb
 
-    config = verb.MergeConfig(
-        inputs=inputs,  # FILE[:WEIGHT], parsed by MergeConfig
-        output=output,
-        svd=False if concat else svd,
-        rank=rank,
-        sv_fro=sv_fro,
-        sv_ratio=sv_ratio,
-        alpha=alpha,
-        dtype=dtype,
-        float64=float64,
-        format=fmt,
-        model=model,
-        model_config=model_config,
-        into_base=into_base,
-        report=report,
-        force=force,
+    if inputs:
+        given["inputs"] = inputs  # FILE[:WEIGHT], parsed by MergeConfig
+    if concat:
+        given["svd"] = False
+    config = settings(
+        MergeConfig, given, recorded.config_file(config_file, "merge") if config_file else {}, config_file
     )
-    typer.echo(str(verb.run(config)))
+    if not config.get("model") and config.get("inputs"):
+        config["model"] = _recorded_model(config["inputs"][0])
+    typer.echo(str(verb.run(verb.MergeConfig(**config))))
 
 
 @app.command()
@@ -360,7 +190,7 @@ def inspect(
 
     from loratool import inspect as verb
 
-    report = verb.run(verb.InspectConfig(file=file, model=model))
+    report = verb.run(verb.InspectConfig(file=file, model=model or _recorded_model(str(file))))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -399,6 +229,16 @@ def demo(
     )
     for line in verb.describe(verb.run(config)):
         typer.echo(line)
+
+
+def _recorded_model(lora) -> str | None:
+    """A LoRA's recorded base model (FILE[:WEIGHT] or a parsed spec), when usable here; said on stderr, since
+    it replaces the default."""
+    path = parse_spec(lora if isinstance(lora, str | Path) else tuple(lora)).path
+    model = recorded.base_model(path)
+    if model:
+        logging.getLogger("loratool").info("model: %s (recorded in %s)", model, path.name)
+    return model
 
 
 def main() -> None:

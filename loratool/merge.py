@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError, LoraFileError
 from loratool.fold import fold_into_base
+from loratool.options import option
 from loratool.sdxl.index import LoraSpec, ModelIndex, model_index, parse_spec, read
+from loratool.sdxl.models import MODEL_CONFIG_HELP
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp16", "bf16", "fp32")
+MODEL, SMALLER = "Model", "Smaller files (truncation)"
 
 
 @dataclass
@@ -24,23 +27,25 @@ class MergeConfig:
     """Everything `loratool merge` needs; also recorded in the output's metadata."""
 
     inputs: list[LoraSpec]  # FILE[:WEIGHT] text or (path, weight) pairs are accepted and parsed
-    output: Path
-    svd: bool | None = None  # None: SVD for several inputs or when truncating, plain scaling for one
-    rank: int | None = None
-    sv_fro: float | None = None
-    sv_ratio: float | None = None
-    alpha: float | None = None
-    dtype: str = "fp16"
-    float64: bool = False
-    format: str = "kohya"
-    model: str | None = None
-    model_config: str | None = None
-    into_base: bool = False
-    report: Path | None = None
-    force: bool = False
+    output: Path = option(MISSING, "Output .safetensors (or folder with --into-base).", "-o", "--output")
+    svd: bool | None = option(None, "Exact SVD re-factoring (default for 2+ inputs).", "--svd/--no-svd")
+    rank: int | None = option(None, "Truncate each module to this rank.", panel=SMALLER)
+    sv_fro: float | None = option(None, "Keep the Frobenius-norm fraction F.", panel=SMALLER)
+    sv_ratio: float | None = option(None, "Keep singular values > S0/R.", panel=SMALLER)
+    alpha: float | None = option(None, "Output alpha (default: rank, scale 1).")
+    dtype: str = option("fp16", "fp16 | bf16 | fp32 for the output.")
+    float64: bool = option(False, "Compute in float64 (default float32).")
+    format: str = option("kohya", "kohya or diffusers.")
+    model: str | None = option(None, "Base to check against / fold into (default: SDXL 1.0 base).", panel=MODEL)
+    model_config: str | None = option(None, MODEL_CONFIG_HELP, panel=MODEL)
+    into_base: bool = option(False, "Fold the LoRAs into --model, write a model.", panel=MODEL)
+    report: Path | None = option(None, "Write the per-module table as JSON.")
+    force: bool = option(False, "Overwrite existing outputs.")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        self.report = Path(self.report) if self.report is not None else None
         self.inputs = [parse_spec(spec) for spec in self.inputs]  # a bad weight fails before any file is read
         if not self.inputs:
             raise InputError("merge needs at least one LoRA file.")
@@ -142,7 +147,10 @@ def summarize(rows: list[dict]) -> str:
 def _recipe(config: MergeConfig, hashes: dict[str, str]) -> dict[str, str]:
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     record["inputs"] = [[str(p), w] for p, w in config.inputs]
-    return {"loratool_recipe": json.dumps({"verb": "merge", **record}), "loratool_inputs_sha256": json.dumps(hashes)}
+    meta = {"loratool_recipe": json.dumps({"verb": "merge", **record}), "loratool_inputs_sha256": json.dumps(hashes)}
+    if config.model:  # what `sample`/`merge`/`inspect` read back as their default --model
+        meta["loratool_base_model"] = config.model
+    return meta
 
 
 def run(config: MergeConfig) -> Path:

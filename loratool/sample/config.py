@@ -7,48 +7,63 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError
+from loratool.options import option
 from loratool.sample.pipeline import check_scheduler
 from loratool.sdxl.index import parse_spec
-from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER
+from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
+
+MODEL, SWEEP, REFINER = "Model", "Slider sweep", "Refiner hand-off"
 
 
 @dataclass
 class SampleConfig:
     """Everything `loratool sample` needs; also what each PNG and sweep.json record."""
 
-    output: Path = Path("samples")
-    prompt: str = ""
-    prompt_2: str | None = None
-    negative_prompt: str = ""
-    negative_prompt_2: str | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 30
-    guidance: float = 5.0
-    width: int | None = None
-    height: int | None = None
-    original_size: tuple[int, int] | None = None  # (width, height)
-    crop: tuple[int, int] = (0, 0)  # (x, y) = (left, top)
-    target_size: tuple[int, int] | None = None  # (width, height)
-    scheduler: str | None = None
-    high_noise_frac: float | None = None  # default 0.8
-    refiner_frac: float | None = None  # the refiner's share: 1 - high_noise_frac
-    loras: list[str] = field(default_factory=list)  # FILE[:WEIGHT]
-    sweep: str | None = None  # which LoRA is swept (needed with several)
-    scales: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0])
-    lora_start: float = 0.0  # swept LoRA off for this fraction of the base steps
-    model: str = DEFAULT_BASE
-    model_config: str | None = None
-    refiner: str | None = DEFAULT_REFINER
-    refiner_config: str | None = None
-    vae: str | None = None
-    precision: str = "auto"
-    device: str | None = None
-    cpu_offload: bool = False
-    compile: bool = False
+    output: Path = option(Path("samples"), "Output folder.", "-o", "--output")
+    prompt: str = option("", "Prompt for both text encoders.")
+    prompt_2: str | None = option(None, "Prompt for text encoder 2 only.")
+    negative_prompt: str = option("", "Negative prompt.")
+    negative_prompt_2: str | None = option(None, "Negative prompt for text encoder 2 only.")
+    seeds: list[int] = option([0], "Comma-separated seeds (rows of the sheet).", "--seed", "--seeds", cli_type=str)
+    steps: int = option(30, "Sampling steps.")
+    guidance: float = option(5.0, "Classifier-free guidance scale.")
+    width: int | None = option(None, "Default: the model's native size.")
+    height: int | None = option(None, "Default: the model's native size.")
+    original_size: tuple[int, int] | None = option(None, "Micro-conditioning WxH.", cli_type=str)
+    crop: tuple[int, int] = option((0, 0), "Micro-conditioning crop X,Y (left,top).", cli_type=str)
+    target_size: tuple[int, int] | None = option(None, "Micro-conditioning WxH.", cli_type=str)
+    scheduler: str | None = option(None, "euler | euler-a | dpm++2m | ddim.")
+    high_noise_frac: float | None = option(None, "Base's share of the schedule (default 0.8).", panel=REFINER)
+    refiner_frac: float | None = option(None, "Refiner runs only the last F of the schedule.", panel=REFINER)
+    loras: list[str] = option([], "LoRA FILE[:WEIGHT] (repeatable).", "--lora", panel=SWEEP)
+    sweep: str | None = option(None, "The --lora FILE to sweep (with several).", panel=SWEEP)
+    scales: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0])  # --slider/--points/--values
+    lora_start: float = option(0.0, "Swept LoRA off for this fraction of the base steps.", panel=SWEEP)
+    model: str = option(DEFAULT_BASE, MODEL_HELP, panel=MODEL)
+    model_config: str | None = option(None, MODEL_CONFIG_HELP, panel=MODEL)
+    refiner: str | None = option(
+        DEFAULT_REFINER, "Refiner hub id, folder, file or demo; 'none' disables it.", panel=MODEL
+    )
+    refiner_config: str | None = option(
+        None, "Local diffusers folder whose configs describe a single-file --refiner.", panel=MODEL
+    )
+    vae: str | None = option(
+        None, "VAE override; on CUDA fp16 the fp16-fix VAE is the default ('base': the model's).", panel=MODEL
+    )
+    precision: str = option("auto", "auto | fp16 | bf16 | fp32 (auto: fp16 on GPU, fp32 on CPU).", panel=MODEL)
+    device: str | None = option(None, DEVICE_HELP, panel=MODEL)
+    cpu_offload: bool = option(False, "Model CPU offload (CUDA only).", panel=MODEL)
+    compile: bool = option(False, "torch.compile the UNet (CUDA only).", panel=MODEL)
     switch: str = "fold"  # fold | fuse | adapters: how LoRA weights change (see benchmarks/sample.py)
-    force: bool = False
+    force: bool = option(False, "Overwrite existing outputs.")
 
     def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if isinstance(self.seeds, str):
+            self.seeds = parse_seeds(self.seeds)
+        self.original_size = parse_pair(self.original_size, "--original-size", "x")
+        self.crop = parse_pair(self.crop, "--crop", ",")
+        self.target_size = parse_pair(self.target_size, "--target-size", "x")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, not {self.steps}.")
         self._resolve_split()
@@ -69,7 +84,8 @@ class SampleConfig:
 
     def _resolve_split(self) -> None:
         if self.refiner_frac is not None:
-            if self.high_noise_frac is not None:
+            # a recorded config holds both, consistent: it must reproduce
+            if self.high_noise_frac is not None and self.high_noise_frac != round(1.0 - self.refiner_frac, 10):
                 raise InputError("give --high-noise-frac or --refiner-frac, not both (F = 1 - high-noise-frac).")
             if not 0.0 <= self.refiner_frac < 1.0:
                 raise InputError(f"--refiner-frac must be in [0, 1), not {self.refiner_frac}.")
@@ -110,10 +126,13 @@ def parse_seeds(text: str) -> list[int]:
         raise InputError(f"--seeds takes comma-separated integers, not {text!r}.") from None
 
 
-def parse_pair(text: str | None, flag: str, sep: str) -> tuple[int, int] | None:
-    """`1024x768` (sep "x") or `0,32` (sep ",") → (1024, 768); errors name the flag."""
+def parse_pair(text: str | list | tuple | None, flag: str, sep: str) -> tuple[int, int] | None:
+    """`1024x768` (sep "x") or `0,32` (sep ",") → (1024, 768); errors name the flag. A pair stays a pair
+    (the Python API, a TOML file, a recorded config)."""
     if text is None:
         return None
+    if isinstance(text, list | tuple):
+        text = sep.join(map(str, text))
     try:
         a, b = (int(v) for v in text.lower().split(sep))
     except ValueError:

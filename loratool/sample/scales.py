@@ -27,11 +27,13 @@ def slider_scales(text: str, points: int) -> list[float]:
     return scales
 
 
-def requested(slider: str | None, points: int, values: str | None) -> list[float]:
-    """The scales the flags ask for: --values as given, else --slider (default -1..1) with --points."""
+def requested(slider: str | None, points: int | None, values: str | None) -> list[float]:
+    """The scales the flags ask for: --values as given, else --slider (default -1..1) with --points (default 5)."""
     if values is not None and slider is not None:
         raise InputError("give --slider A..B or --values v1,v2,…, not both.")
-    return value_scales(values) if values is not None else slider_scales(slider or "-1..1", points)
+    if values is not None:
+        return value_scales(values)
+    return slider_scales(slider or "-1..1", 5 if points is None else points)
 
 
 def value_scales(text: str) -> list[float]:

@@ -19,6 +19,9 @@ DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+MODEL_HELP = "Hub id, diffusers folder, single-file .safetensors SDXL checkpoint, or demo."
+MODEL_CONFIG_HELP = "Local diffusers folder whose configs describe a single-file --model."
+DEVICE_HELP = "cuda, cuda:1, mps or cpu (default: best available)."
 
 
 @dataclass(frozen=True)

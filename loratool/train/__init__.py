@@ -3,17 +3,21 @@
 Each mode is a data source: it turns a config into Trainees (the base with a LoRA injected, and its batches).
 `run` picks the mode, checks what can be checked before any model loads, and hands each Trainee to the loop,
 which imports no mode.
+
+The modes and the loop (torch) load inside `run`: the CLI builds its options from `train.config`, and
+importing this package must not cost `loratool --help` the seconds torch takes.
 """
 
 from pathlib import Path
 
-from loratool.train import copy_machine, dreambooth
 from loratool.train.config import DreamboothConfig, TrainConfig
-from loratool.train.loop import TrainingInterrupted, check_outputs, preflight, train
 
 
 def run(config: TrainConfig) -> list[Path]:
     """Train one LoRA per image (two for --pair) or per dataset; returns every file written."""
+    from loratool.train import copy_machine, dreambooth
+    from loratool.train.loop import check_outputs, preflight, train
+
     mode = dreambooth if isinstance(config, DreamboothConfig) else copy_machine
     preflight(config)
     for path in config.lora_paths():
@@ -22,6 +26,14 @@ def run(config: TrainConfig) -> list[Path]:
     for trainee, path, timings in mode.trainees(config):  # lazily: one base in memory at a time
         written += train(config, trainee, path, timings)
     return written
+
+
+def __getattr__(name: str):
+    if name == "TrainingInterrupted":  # lazily, like the loop it comes from
+        from loratool.train.loop import TrainingInterrupted
+
+        return TrainingInterrupted
+    raise AttributeError(name)
 
 
 __all__ = ["DreamboothConfig", "TrainConfig", "TrainingInterrupted", "run"]

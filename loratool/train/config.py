@@ -2,51 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loratool.errors import InputError
 from loratool.lora.io import check_file
+from loratool.options import option
 from loratool.sdxl.index import LoraSpec, parse_spec
-from loratool.sdxl.models import DEFAULT_BASE
+from loratool.sdxl.models import DEFAULT_BASE, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 QUANTIZATIONS = ("nf4", "int8")
+MODES = ("copy", "dreambooth", "wrong")
+COPY, BOOTH = ("copy",), ("dreambooth", "wrong")
 
 
 @dataclass
 class TrainConfig:
     """Copy-machine training: overfit a UNet LoRA on one image (or each image of a --pair) with an empty prompt."""
 
-    images: list[Path]
-    output: Path = Path("lora.safetensors")
+    images: list[Path]  # the arguments (or the two images of --pair)
+    output: Path = option(
+        Path("lora.safetensors"), "Output .safetensors (--pair: a prefix for _a/_b).", "-o", "--output"
+    )
     pair: bool = False  # two images → <prefix>_a / <prefix>_b, trained with identical settings
-    model: str = DEFAULT_BASE
-    model_config: str | None = None
-    rank: int = 8
-    alpha: float = 8.0
-    steps: int = 1500
-    lr: float = 1e-4
-    resolution: int = 1024
-    seed: int = 0
-    optimizer: str = "adamw"
-    mixed_precision: str = "no"
-    gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False
-    noise_offset: float = 0.0
-    pure_noise: float = 0.0  # fraction of steps trained from pure noise, as the sampler starts (copy mode)
-    min_snr_gamma: float | None = None
-    check_every: int | None = None  # None → steps // 10; 0 turns the copy check off
-    check_seeds: int = 2
-    check_steps: int = 8
-    stop_when_copied: float | None = None  # dB of mean PSNR
-    save_every: int = 0
-    resume: bool = False
-    base_loras: list[str] = field(default_factory=list)  # FILE[:WEIGHT], folded into the UNet before training
-    quantize_base: str | None = None
-    device: str | None = None
-    force: bool = False
+    model: str = option(DEFAULT_BASE, MODEL_HELP, panel="Model")
+    model_config: str | None = option(None, MODEL_CONFIG_HELP, panel="Model")
+    rank: int = option(8, "LoRA rank (1..128).")
+    alpha: float = option(8.0, "LoRA alpha; scale = alpha / rank.")
+    steps: int = option(1500, "Optimizer steps.")
+    lr: float = option(1e-4, "Learning rate.")
+    resolution: int = option(1024, "Bucket area ≈ resolution² (multiple of 64).")
+    seed: int = option(0, "Seed of noise, timesteps and LoRA initialisation.")
+    optimizer: str = option("adamw", "adamw | adamw8bit (CUDA).")
+    mixed_precision: str = option("no", "no | fp16 | bf16")
+    gradient_accumulation: int = option(1, "Steps whose gradients are summed before one update.")
+    gradient_checkpointing: bool = option(False, "Less memory, slower steps.")
+    noise_offset: float = option(0.0, "Noise offset (brighter darks and darker lights).")
+    min_snr_gamma: float | None = option(None, "Min-SNR loss weighting, e.g. 5.")
+    save_every: int = option(0, "Checkpoint every N steps into <name>.ckpt/.")
+    resume: bool = option(False, "Continue from the latest checkpoint.")
+    base_loras: list[str] = option([], "FILE[:WEIGHT] folded into the base first (repeatable).", "--base-lora")
+    quantize_base: str | None = option(None, "nf4 | int8 (CUDA).", panel="Model")
+    device: str | None = option(None, DEVICE_HELP, panel="Model")
+    force: bool = option(False, "Overwrite existing outputs.")
+    # copy mode: how far the copy has come
+    pure_noise: float = option(
+        0.0, "Share of steps trained from pure noise, as sampling starts, e.g. 0.25.", modes=COPY
+    )
+    check_every: int | None = option(None, "Copy check every N steps (default steps/10; 0: off).", modes=COPY)
+    check_seeds: int = option(2, "Seeds rendered per copy check.", modes=COPY)
+    check_steps: int = option(8, "Sampling steps per copy-check render.", modes=COPY)
+    stop_when_copied: float | None = option(None, "Stop once the copy check's mean PSNR ≥ this many dB.", modes=COPY)
 
     def __post_init__(self) -> None:
         self.images = [Path(p) for p in self.images]
@@ -114,18 +122,20 @@ class DreamboothConfig(TrainConfig):
     `images` holds the instance folder (dreambooth) or nothing (wrong). The copy check does not apply.
     """
 
-    mode: str = "dreambooth"
-    prompt: str = ""  # the instance prompt; a `.txt` beside an image overrides it
-    class_prompt: str | None = None  # prior preservation on when set
-    class_dir: Path | None = None  # default: <output>.class/
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    batch_size: int = 1
-    cache_dir: Path | None = None  # latents and embeddings on disk, reused across runs
-    train_text_encoder: bool = False
-    num_images: int = 100  # wrong mode: images generated
-    wrong_dir: Path | None = None  # wrong mode: default <output>.wrong/
-    generate_steps: int = 25  # sampling steps for generated class / wrong images
+    mode: str = "dreambooth"  # the CLI's --mode picks this class
+    prompt: str = option("", "Instance prompt (a .txt caption beside an image wins).", modes=("dreambooth",))
+    class_prompt: str | None = option(None, "Prior preservation: the class, e.g. 'a photo of a dog'.", modes=BOOTH)
+    class_dir: Path | None = option(
+        None, "Class images; missing ones are generated (default <out>.class).", modes=BOOTH
+    )
+    num_class_images: int = option(100, "Class images for prior preservation.", modes=BOOTH)
+    prior_loss_weight: float = option(1.0, "Loss = instance MSE + this × class MSE.", modes=BOOTH)
+    batch_size: int = option(1, "Images per step, all from one aspect bucket.", modes=BOOTH)
+    cache_dir: Path | None = option(None, "Keep latents and prompt embeddings on disk for later runs.", modes=BOOTH)
+    train_text_encoder: bool = option(False, "LoRAs on both text encoders too.", modes=BOOTH)
+    generate_steps: int = option(25, "Sampling steps per generated class or wrong image.", modes=BOOTH)
+    num_images: int = option(100, "Failure images to generate.", modes=("wrong",))
+    wrong_dir: Path | None = option(None, "The failure images' folder (default <out>.wrong), reused.", modes=("wrong",))
     check_every: int | None = 0
 
     def check_inputs(self) -> None:
