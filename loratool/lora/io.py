@@ -7,7 +7,6 @@ silently: unknown or unsupported keys are an error that lists them.
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +19,9 @@ UNSUPPORTED = {
     "dora_scale": "DoRA (dora_scale)",
     "hada_": "LoHa (hada_*)",
     "lokr_": "LoKr (lokr_*)",
-    ".diff": "full weight differences (diff)",
+    ".diff": "full weight differences (diff)",  # a key suffix (.diff, .diff_b): model.diffusion_model is not one
     "lora_mid": "LoCon Tucker (lora_mid)",
 }
-KOHYA_SUFFIX = re.compile(r"^(lora_(?:unet|te1|te2|te)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding", "add_embedding")
 
 
 def keymap_for(unet) -> K.KeyMap:
@@ -56,18 +53,24 @@ def _load(path: Path) -> tuple[dict, dict[str, str]]:
 
 def detect_format(tensors: dict) -> str:
     names = list(tensors)
-    found = sorted({label for k in names for marker, label in UNSUPPORTED.items() if marker in k})
+    found = sorted({label for k in names for marker, label in UNSUPPORTED.items() if _marks(k, marker)})
     if found:
         raise LoraFileError(f"unsupported LoRA type: {', '.join(found)}; loratool reads LoRA and LoCon only.")
     if any(k.startswith("lora_te_") for k in names):
         return "kohya-sd1"
     if any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in names):
         return "kohya"
-    if any(K.parse_diffusers_key(k) for k in names):
-        return "diffusers"
-    if any(k.startswith(UNET_ROOTS) and ".lora_A." in k for k in names):
-        return "peft"
+    if any(k.startswith(K.LYCORIS_PREFIX) for k in names):
+        return "lycoris"
+    layouts = {K.diffusers_layout(k) for k in names if K.parse_diffusers_key(k) and not k.endswith(".alpha")}
+    for layout in ("diffusers-old", "diffusers", "peft"):
+        if layout in layouts:
+            return layout
     return "unknown"
+
+
+def _marks(key: str, marker: str) -> bool:
+    return key.endswith((marker, marker + "_b")) if marker == ".diff" else marker in key
 
 
 def read_lora(path: Path, keymap: K.KeyMap) -> LoraNetwork:
@@ -78,8 +81,13 @@ def read_lora(path: Path, keymap: K.KeyMap) -> LoraNetwork:
         raise LoraFileError(f"{path} is a Stable Diffusion 1.x/2.x LoRA (lora_te_ keys), not an SDXL LoRA.")
     if fmt == "unknown":
         sample = ", ".join(list(tensors)[:3])
-        raise LoraFileError(f"{path}: no LoRA keys loratool recognises (first keys: {sample}).")
-    network = _read_kohya(tensors, keymap, path) if fmt == "kohya" else _read_diffusers(tensors, metadata, fmt, path)
+        looks = K.other_layout(tensors)
+        what = (
+            f"it looks like {looks}, a layout loratool does not read" if looks else "no LoRA keys loratool recognises"
+        )
+        raise LoraFileError(f"{path}: {what} (first keys: {sample}).")
+    kohya = fmt in ("kohya", "lycoris")
+    network = _read_kohya(tensors, keymap, path) if kohya else _read_diffusers(tensors, metadata, path)
     network.metadata, network.source_format = metadata, fmt
     if not len(network):
         raise LoraFileError(f"{path} holds no LoRA modules.")
@@ -90,9 +98,9 @@ def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
     groups: dict[str, dict] = defaultdict(dict)
     stray = []
     for key, value in tensors.items():
-        m = KOHYA_SUFFIX.match(key)
-        if m:
-            groups[m.group(1)][m.group(2)] = value
+        parsed = K.parse_kohya_key(key)
+        if parsed:
+            groups[parsed[0]][parsed[1]] = value
         else:
             stray.append(key)
     lookup = keymap.kohya_lookup()
@@ -107,32 +115,24 @@ def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
     return network
 
 
-def _read_diffusers(tensors: dict, metadata: dict[str, str], fmt: str, path: Path) -> LoraNetwork:
+def _read_diffusers(tensors: dict, metadata: dict[str, str], path: Path) -> LoraNetwork:
+    """diffusers, diffusers-old and PEFT keys; alpha from `.alpha` tensors, else the adapter metadata, else rank."""
     groups: dict[tuple[str, str], dict] = defaultdict(dict)
     stray = []
     for key, value in tensors.items():
-        parsed = K.parse_diffusers_key(key if fmt == "diffusers" else "unet." + key)
+        parsed = K.parse_diffusers_key(key)
         if parsed:
             groups[parsed[:2]][parsed[2]] = value
-        elif key.endswith(".alpha") and fmt == "diffusers":
-            groups[_alpha_owner(key)]["alpha"] = value
         else:
             stray.append(key)
     _fail_unknown(path, stray)
     alphas = _adapter_alphas(metadata)
     network = LoraNetwork()
     for (component, module), parts in groups.items():
-        down, up = _pair(parts.get("lora_A"), parts.get("lora_B"), module, path)
+        down, up = _pair(parts.get("down"), parts.get("up"), module, path)
         alpha = parts["alpha"].item() if "alpha" in parts else alphas(component, module, down.shape[0])
         network.add(LoraModule(component, module, down, up, float(alpha)))
     return network
-
-
-def _alpha_owner(key: str) -> tuple[str, str]:
-    for component, prefix in K.DIFFUSERS_PREFIX.items():
-        if key.startswith(prefix):
-            return component, key[len(prefix) : -len(".alpha")]
-    return ("?", key)
 
 
 def _adapter_alphas(metadata: dict[str, str]):
@@ -144,6 +144,7 @@ def _adapter_alphas(metadata: dict[str, str]):
         pattern = raw.get(f"{prefix}.alpha_pattern") or {}
         short = path.removeprefix("text_model.")
         for key, value in pattern.items():
+            key = key.removeprefix("text_model.")
             if short == key or short.endswith("." + key):
                 return float(value)
         return float(raw.get(f"{prefix}.lora_alpha", rank))  # no alpha anywhere: scale 1
@@ -162,10 +163,10 @@ def _pair(down, up, name: str, path: Path):
 def _fail_unknown(path: Path, names: list[str]) -> None:
     if names:
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-        raise LoraFileError(
-            f"{path}: {len(names)} keys do not name a module of this model "
-            f"({', '.join(sorted(names)[:5])}{more}); is it a LoRA for another base model?"
-        )
+        looks = K.other_layout(names)
+        hint = f"they look like {looks}, a layout loratool does not read" if looks else "a LoRA for another base model?"
+        listed = ", ".join(sorted(names)[:5])
+        raise LoraFileError(f"{path}: {len(names)} keys do not name a module of this model ({listed}{more}); {hint}")
 
 
 def check_fits(network: LoraNetwork, shapes: dict[tuple[str, str], tuple[int, ...]], source: str) -> None:
