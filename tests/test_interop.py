@@ -1,4 +1,4 @@
-"""Files from the tools our users have, read exactly.
+"""Files from the tools our users have, read exactly; files we write, loaded exactly by diffusers.
 
 Producer files are built here from each producer's own key names, spelled out below rather than taken from
 `lora.keys` (that module is what is under test), at real SDXL 1.0 shapes from the shipped layer index.
@@ -14,16 +14,21 @@ Assumptions about producers, from their sources as we know them:
 - SimpleTuner's LyCORIS on a diffusers UNet: `lycoris_<path with _>.lora_down.weight|lora_up.weight|alpha`.
 """
 
+import hashlib
 import json
+import logging
 import re
 import zlib
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save, save_file
 
-from loratool.lora.network import LoraModule
+from loratool.lora.io import keymap_for, read_lora, write_lora
+from loratool.lora.network import LoraModule, LoraNetwork
 from loratool.sdxl.index import model_index, read
+from tests.test_lora_files import random_network
 
 ATTN = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
 TEXT = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
@@ -169,3 +174,110 @@ def test_a_layout_we_do_not_read_is_named(cli, tmp_path, key, looks):
     code, out, err = cli("inspect", tmp_path / "x.safetensors")
     assert code == 1 and looks in err and "another base model" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---- what we write ---------------------------------------------------------------------------------------
+
+
+def _locon(sdxl):
+    """Linear/1×1 modules at rank 8 alpha 4, 3×3 convs at rank 4 alpha 2: an sd-scripts LoCon (conv_dim 4)."""
+    g = torch.Generator().manual_seed(3)
+    network = LoraNetwork()
+    for component, path, shape in _producer_modules(sdxl, convs=True, text=False):
+        rank, alpha = (4, 2.0) if len(shape) == 4 and shape[-1] == 3 else (8, 4.0)
+        network.add(LoraModule(component, path, *_factors(shape, rank, g), alpha))
+    return network
+
+
+def test_metadata_modelspec_network_args_and_sshs_hashes(sdxl, tmp_path):
+    path = tmp_path / "locon.safetensors"
+    write_lora(_locon(sdxl), path, keymap=sdxl.keymap, metadata=sdxl.base_metadata(None))
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "4"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.resolution"] == "1024x1024"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.title"] == "locon" and meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", meta["modelspec.date"])
+    # A1111 (addnet_hash_safetensors) hashes the real file after its header: it must find sshs_model_hash.
+    raw = path.read_bytes()
+    assert hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest() == meta["sshs_model_hash"]
+    # sd-scripts' legacy hash: bytes 0x100000..+0x10000 of the tensors saved with the ss_* metadata only.
+    ss_only = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert len(ss_only) > 0x110000
+    assert hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8] == meta["sshs_legacy_hash"]
+
+
+def test_base_model_version_is_what_was_used(tiny_models, sdxl):
+    tiny = model_index(str(tiny_models / "base"))
+    assert sdxl.base_metadata(None)["ss_base_model_version"] == "sdxl_base_v1-0"
+    described = tiny.base_metadata(str(tiny_models / "base"))
+    assert described["ss_base_model_version"] == "sdxl_custom"
+    assert described["ss_sd_model_name"] == str(tiny_models / "base")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_models / "base")
+
+
+@pytest.fixture(scope="module")
+def variable_rank(pipe, tiny_models, tmp_path_factory):
+    """Our outputs as users get them: a variable-rank uniform-alpha LoRA and an SVD merge of two such."""
+    from loratool.merge import MergeConfig
+    from loratool.merge import run as merge
+
+    root = tmp_path_factory.mktemp("ours")
+    keymap = keymap_for(pipe.unet)
+    a = random_network(pipe, seed=5, conv=False)  # ranks 2–4, alphas that differ per module
+    b = random_network(pipe, seed=6, conv=False)
+    write_lora(a, root / "a.safetensors", keymap=keymap)
+    write_lora(b, root / "b.safetensors", keymap=keymap)
+    files = {}
+    for fmt in ("kohya", "diffusers"):
+        files[f"single-{fmt}"] = root / f"single-{fmt}.safetensors"
+        write_lora(
+            LoraNetwork({k: m.with_alpha(4.0) for k, m in a.modules.items()}),
+            files[f"single-{fmt}"],
+            keymap=keymap,
+            fmt=fmt,
+        )
+        files[f"merge-{fmt}"] = root / f"merge-{fmt}.safetensors"
+        inputs = [(root / "a.safetensors", 1.0), (root / "b.safetensors", -0.5)]
+        merge(
+            MergeConfig(
+                inputs, files[f"merge-{fmt}"], sv_fro=0.95, dtype="fp32", format=fmt, model=str(tiny_models / "base")
+            )
+        )
+    return files
+
+
+@pytest.mark.parametrize("name", ["single-kohya", "single-diffusers", "merge-kohya", "merge-diffusers"])
+def test_diffusers_load_lora_weights_loads_every_module_at_our_strength(pipe, variable_rank, name, caplog):
+    from loratool.lora.apply import model_path
+
+    ours = read_lora(variable_rank[name], keymap_for(pipe.unet))
+    assert len(ours.ranks()) > 1
+    # kohya: one alpha for every module; diffusers: the scale lives in the factors (alpha = rank)
+    assert len(ours.alphas()) == 1 if name.endswith("kohya") else all(m.alpha == m.rank for m in ours)
+    adapter = name.replace("-", "_")
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(variable_rank[name]), adapter_name=adapter)
+    assert not [
+        r for r in caplog.records if re.search(r"unexpected|missing|not loaded|no lora keys", r.getMessage(), re.I)
+    ]
+    models = {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    loaded = sum(
+        1 for model in models.values() for _, layer in model.named_modules() if adapter in getattr(layer, "lora_A", {})
+    )
+    assert loaded == len(ours)  # 0 unloaded keys, nothing extra
+    worst = 0.0
+    for m in ours:
+        layer = models[m.component].get_submodule(model_path(models[m.component], m.component, m.path))
+        got = layer.get_delta_weight(adapter).float()
+        worst = max(worst, float((got - m.delta()).norm() / m.delta().norm()))
+    pipe.delete_adapters(adapter)
+    assert worst <= 1e-6, worst

@@ -184,24 +184,81 @@ def check_fits(network: LoraNetwork, shapes: dict[tuple[str, str], tuple[int, ..
 
 
 def standard_metadata(network: LoraNetwork, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The ss_* keys kohya-aware tools read, plus loratool's own."""
-    ranks, alphas = network.ranks(), network.alphas()
-    conv = any(m.is_conv for m in network)
+    """The ss_* keys kohya-aware tools read, plus loratool's own.
+
+    As in sd-scripts, `ss_network_dim`/`alpha` describe the Linear and 1×1 modules and `ss_network_args` the
+    3×3 convs (LoCon): `conv_dim` is the 3×3 rank actually present, `conv_alpha` its alpha.
+    """
+    conv3 = [m for m in network if _is_conv3x3(m)]
+    rest = [m for m in network if not _is_conv3x3(m)] or conv3
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": _num(alphas[0]) if len(alphas) == 1 else "Dynamic",
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_dim": _one({m.rank for m in rest}),
+        "ss_network_alpha": _one({float(m.alpha) for m in rest}),
         "loratool_version": __version__,
     }
-    if conv:
-        conv_ranks = sorted({m.rank for m in network if m.is_conv})
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_ranks[-1])})
+    if conv3:
+        args = {"conv_dim": _one({m.rank for m in conv3}), "conv_alpha": _one({float(m.alpha) for m in conv3})}
+        meta["ss_network_args"] = json.dumps(args)
     return meta | (extra or {})
+
+
+def _is_conv3x3(m: LoraModule) -> bool:
+    return m.is_conv and tuple(m.down.shape[2:]) != (1, 1)
+
+
+def _one(values: set) -> str:
+    return _num(next(iter(values))) if len(values) == 1 else "Dynamic"
 
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def modelspec(title: str, resolution: int | str = 1024, date: str | None = None) -> dict[str, str]:
+    """Stability AI's model-spec keys, as sd-scripts writes them for an SDXL LoRA (Forge reads the architecture)."""
+    from datetime import datetime
+
+    size = f"{resolution}x{resolution}" if isinstance(resolution, int) else resolution
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": size,
+        "modelspec.date": date or datetime.now().replace(microsecond=0).isoformat(),  # sd-scripts: local, no tz
+    }
+
+
+def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`), computed as sd-scripts' `precalculate_safetensors_hashes`.
+
+    sd-scripts serialises the tensors with only the `ss_*` metadata (so user metadata cannot change the hashes)
+    and applies A1111's additional-networks hashes to those bytes: the model hash is sha256 of everything after
+    the header (8-byte length + JSON), i.e. of the tensor data alone, which is what A1111 computes on the real
+    file too; the legacy hash is the first 8 hex digits of sha256 of the 0x10000 bytes at offset 0x100000.
+    """
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header :]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+UI_SUPPORT = {
+    "kohya": "every UI: ComfyUI, A1111, Forge, diffusers and sd-scripts load every module",
+    "diffusers": (
+        "diffusers and peft only: ComfyUI drops most UNet modules, A1111 and Forge load none; "
+        "write --format kohya for UIs"
+    ),
+}
+
+
+def works_in(fmt: str) -> str:
+    """Which tools load a file of this layout, in words (inspect and merge say it)."""
+    return UI_SUPPORT.get(fmt, "loratool reads it; re-write it as kohya (`loratool merge FILE -o OUT`) for every UI")
 
 
 def write_lora(
@@ -214,7 +271,11 @@ def write_lora(
     force: bool = False,
     dtype=None,
 ) -> None:
-    """Write atomically in kohya (SGM names + .alpha) or diffusers (lora_A/B + adapter metadata) layout."""
+    """Write atomically in kohya (SGM names + .alpha) or diffusers (lora_A/B, scale 1) layout.
+
+    diffusers files carry their strength in the factors (alpha = rank): ComfyUI ignores the adapter metadata
+    that holds alphas there, and one alpha per rank also keeps diffusers clear of its alpha_pattern mangling.
+    """
     from safetensors.torch import save_file
 
     from loratool.files import atomic_path
@@ -222,10 +283,16 @@ def write_lora(
     if fmt not in ("kohya", "diffusers"):
         raise LoraFileError(f"--format must be kohya or diffusers, not {fmt!r}.")
     cast = (lambda t: t.to(dtype).contiguous()) if dtype is not None else (lambda t: t.contiguous())
-    tensors = _kohya_tensors(network, keymap, cast) if fmt == "kohya" else _diffusers_tensors(network, cast)
-    meta = standard_metadata(network, metadata) | {"ss_output_name": Path(path).stem, "loratool_format": fmt}
+    if fmt == "kohya":
+        tensors = _kohya_tensors(network, keymap, cast)
+    else:
+        network = LoraNetwork({m.key: m.with_alpha(m.rank) for m in network}, network.metadata)
+        tensors = _diffusers_tensors(network, cast)
+    meta = standard_metadata(network) | modelspec(Path(path).stem) | (metadata or {})
+    meta |= {"ss_output_name": Path(path).stem, "loratool_format": fmt}
     if fmt == "diffusers":
         meta["lora_adapter_metadata"] = _adapter_metadata(network)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
     with atomic_path(Path(path), force=force) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
