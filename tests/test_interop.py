@@ -1,4 +1,4 @@
-"""Files from the tools our users have, read exactly; files we write, loaded exactly by diffusers.
+"""Files from the tools our users have, read exactly; files we write, loaded exactly by diffusers; quiet runs.
 
 Producer files are built here from each producer's own key names, spelled out below rather than taken from
 `lora.keys` (that module is what is under test), at real SDXL 1.0 shapes from the shipped layer index.
@@ -17,8 +17,12 @@ Assumptions about producers, from their sources as we know them:
 import hashlib
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +285,35 @@ def test_diffusers_load_lora_weights_loads_every_module_at_our_strength(pipe, va
         worst = max(worst, float((got - m.delta()).norm() / m.delta().norm()))
     pipe.delete_adapters(adapter)
     assert worst <= 1e-6, worst
+
+
+def test_bitsandbytes_is_kept_out_until_a_quantised_option_brings_it_back():
+    pytest.importorskip("bitsandbytes")
+    code = (
+        "import importlib.util as u; from loratool import libraries\n"
+        "libraries.without_bitsandbytes(); assert u.find_spec('bitsandbytes') is None\n"
+        "try:\n    import bitsandbytes\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('imported')\n"
+        "libraries.with_bitsandbytes(); assert u.find_spec('bitsandbytes') is not None\n"
+    )
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_train_then_merge_print_nothing_on_stderr_but_progress_and_results(tiny_models, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "img.png")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "loratool"]
+    train = [*run, "train", "img.png", "--model", str(tiny_models / "base"), "-o", "t.safetensors", "--steps", "2"]
+    train += ["--resolution", "64", "--rank", "2", "--check-every", "0"]
+    merge = [*run, "merge", "t.safetensors:1", "t.safetensors:-0.5", "-o", "m.safetensors"]
+    merge += ["--model", str(tiny_models / "base")]
+    allowed = re.compile(r"^(train .*\d+/\d+.*|wrote \S+|merged \d+ modules.*|kohya format: loads in .*)$")
+    for command in (train, merge):
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        noise = [line for line in done.stderr.splitlines() if line.strip() and not allowed.match(line.strip())]
+        assert not noise, done.stderr
+    assert (tmp_path / "m.safetensors").is_file()

@@ -7,6 +7,7 @@ which imports no mode.
 
 from pathlib import Path
 
+from loratool import libraries
 from loratool.train import copy_machine, dreambooth
 from loratool.train.config import DreamboothConfig, TrainConfig
 from loratool.train.loop import TrainingInterrupted, check_outputs, preflight, train
@@ -15,6 +16,8 @@ from loratool.train.loop import TrainingInterrupted, check_outputs, preflight, t
 def run(config: TrainConfig) -> list[Path]:
     """Train one LoRA per image (two for --pair) or per dataset; returns every file written."""
     mode = dreambooth if isinstance(config, DreamboothConfig) else copy_machine
+    if config.quantize_base or config.optimizer == "adamw8bit":
+        libraries.with_bitsandbytes()  # the CLI keeps it (and its CPU-kernel warning) out of other runs
     preflight(config)
     for path in config.lora_paths():
         check_outputs(config, path)
