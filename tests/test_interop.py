@@ -288,15 +288,18 @@ def test_diffusers_load_lora_weights_loads_every_module_at_our_strength(pipe, va
 
 
 def test_bitsandbytes_is_kept_out_until_a_quantised_option_brings_it_back():
-    pytest.importorskip("bitsandbytes")
+    # A fresh interpreter: CliRunner tests in this process have already marked bitsandbytes absent.
     code = (
         "import importlib.util as u; from loratool import libraries\n"
+        "if u.find_spec('bitsandbytes') is None:\n    raise SystemExit('not installed')\n"
         "libraries.without_bitsandbytes(); assert u.find_spec('bitsandbytes') is None\n"
         "try:\n    import bitsandbytes\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('imported')\n"
         "libraries.with_bitsandbytes(); assert u.find_spec('bitsandbytes') is not None\n"
     )
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    if "not installed" in done.stderr:
+        pytest.skip("bitsandbytes is not installed")
     assert done.returncode == 0, done.stderr
 
 
