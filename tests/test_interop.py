@@ -236,8 +236,8 @@ def variable_rank(pipe, tiny_models, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ours")
     keymap = keymap_for(pipe.unet)
-    a = random_network(pipe, seed=5, conv=False)  # ranks 2–4, alphas that differ per module
-    b = random_network(pipe, seed=6, conv=False)
+    a = random_network(pipe, seed=5)  # LoCon convs and both text encoders; ranks 2–4, alphas differ per module
+    b = random_network(pipe, seed=6)
     write_lora(a, root / "a.safetensors", keymap=keymap)
     write_lora(b, root / "b.safetensors", keymap=keymap)
     files = {}
