@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from loratool import __version__, recorded
+from loratool import __version__, libraries, recorded
 from loratool.errors import InputError, LoratoolError
 from loratool.merge import MergeConfig
 from loratool.options import from_config, settings, typed
@@ -78,6 +78,7 @@ def _root(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("accelerate", "peft", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    libraries.without_bitsandbytes()  # train's quantised options bring it back (train.run)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loratool.lora.io import works_in
 from loratool.sdxl.index import model_index, read
 
 
@@ -22,6 +23,7 @@ def run(config: InspectConfig) -> dict:
         "file": str(lora.path),
         "sha256": lora.sha256,
         "format": network.source_format,
+        "works_in": works_in(network.source_format),
         "components": network.components(),
         "modules": len(network),
         "ranks": network.ranks(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class MergeConfig:
     rank: int | None = option(None, "Truncate each module to this rank.", panel=SMALLER)
     sv_fro: float | None = option(None, "Keep the Frobenius-norm fraction F.", panel=SMALLER)
     sv_ratio: float | None = option(None, "Keep singular values > S0/R.", panel=SMALLER)
-    alpha: float | None = option(None, "Output alpha (default: rank, scale 1).")
+    alpha: float | None = option(None, "One alpha for every module (default: the most common merged rank).")
     dtype: str = option("fp16", "fp16 | bf16 | fp32 for the output.")
     float64: bool = option(False, "Compute in float64 (default float32).")
     format: str = option("kohya", "kohya or diffusers.")
@@ -95,9 +96,19 @@ def merge_module(key, group, config: MergeConfig):
     row |= {"rank": merged.rank, "retained_energy": merged.retained_energy, "truncation_error": merged.rel_error}
     if merged.is_zero:
         return None, row | {"dropped": "zero"}
-    alpha = float(config.alpha) if config.alpha is not None else float(merged.rank)
-    up = merged.up / (alpha / merged.rank)  # keep ΔW when the user fixes alpha (scale ≠ 1)
-    return LoraModule(key[0], key[1], merged.down, up, alpha), row
+    return LoraModule(key[0], key[1], merged.down, merged.up, float(merged.rank)), row  # scale 1
+
+
+def uniform_alpha(modules: list, alpha: float | None) -> float:
+    """The one alpha a merge writes: `alpha`, else the most common rank (those modules keep scale 1).
+
+    Per-module alphas (alpha = rank) load exactly in ComfyUI and A1111 but ~11 % off in diffusers, whose
+    alpha_pattern mangles attention-layer names; with one alpha every loader reads the same ΔW.
+    """
+    if alpha is not None:
+        return float(alpha)
+    ranks = Counter(m.rank for m in modules).most_common()
+    return float(max(rank for rank, n in ranks if n == ranks[0][1]))
 
 
 def _cast(module, dtype, name: str) -> None:
@@ -118,18 +129,23 @@ def merge_networks(config: MergeConfig, index: ModelIndex):
 
     terms, hashes = _gather(config, index)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
-    network, rows = LoraNetwork(), []
+    merged, rows = [], []
     for key in sorted(terms):
         module, row = merge_module(key, terms[key], config)
         rows.append(row)
         if module is not None:
-            _cast(module, dtype, row["module"])
-            # Measured on what is written (after the dtype cast), against the exact weighted sum.
-            exact = [(w, m.up, m.down, float(m.alpha)) for w, m, _ in terms[key]]
-            row["rel_error"] = ops.factored_rel_error(exact, module.up, module.down, module.scale)
-            network.add(module)
-    if not len(network):
+            merged.append((module, row))
+    if not merged:
         raise LoraFileError("every merged module is zero (did you merge a LoRA with itself at +1 and −1?).")
+    alpha = uniform_alpha([m for m, _ in merged], config.alpha)
+    network = LoraNetwork()
+    for module, row in merged:
+        module = module.with_alpha(alpha)
+        _cast(module, dtype, row["module"])
+        # Measured on what is written (after the dtype cast), against the exact weighted sum.
+        exact = [(w, m.up, m.down, float(m.alpha)) for w, m, _ in terms[module.key]]
+        row["rel_error"] = ops.factored_rel_error(exact, module.up, module.down, module.scale)
+        network.add(module)
     return network, rows, hashes
 
 
@@ -155,7 +171,7 @@ def _recipe(config: MergeConfig, hashes: dict[str, str]) -> dict[str, str]:
 
 def run(config: MergeConfig) -> Path:
     from loratool.files import atomic_path, check_writable
-    from loratool.lora.io import write_lora
+    from loratool.lora.io import works_in, write_lora
 
     check_writable(config.output, config.force)
     if config.into_base:
@@ -167,10 +183,11 @@ def run(config: MergeConfig) -> Path:
         config.output,
         keymap=index.keymap,
         fmt=config.format,
-        metadata=_recipe(config, hashes),
+        metadata=index.base_metadata(config.model) | _recipe(config, hashes),
         force=config.force,
     )
     log.info("%s", summarize(rows))
+    log.info("%s format: loads in %s", config.format, works_in(config.format))
     if config.report:
         with atomic_path(Path(config.report), force=True) as tmp:
             tmp.write_text(json.dumps({"summary": summarize(rows), "modules": rows}, indent=1))

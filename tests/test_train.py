@@ -74,6 +74,10 @@ def test_metadata_describes_the_lora(trained, image):
     assert meta["loratool_recipe"] == "copy" and meta["loratool_rank"] == "4" and meta["ss_network_dim"] == "4"
     assert meta["loratool_image_sha256"] == sha256(image) and meta["loratool_steps"] == "30"
     assert all(k.startswith("lora_unet_") for k in load_file(str(out)))
+    # the tiny model is not SDXL 1.0 base: say what was used instead of claiming sdxl_base_v1-0
+    assert meta["ss_base_model_version"] == "sdxl_custom" and meta["ss_sd_model_name"].endswith("base")
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora" and meta["modelspec.title"] == "copy"
+    assert meta["modelspec.resolution"] == "64x64" and len(meta["sshs_model_hash"]) == 64
 
 
 def test_lora_loads_in_diffusers_and_matches_folding(trained, tiny_models, caplog):

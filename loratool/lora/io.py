@@ -7,7 +7,6 @@ silently: unknown or unsupported keys are an error that lists them.
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +19,9 @@ UNSUPPORTED = {
     "dora_scale": "DoRA (dora_scale)",
     "hada_": "LoHa (hada_*)",
     "lokr_": "LoKr (lokr_*)",
-    ".diff": "full weight differences (diff)",
+    ".diff": "full weight differences (diff)",  # a key suffix (.diff, .diff_b): model.diffusion_model is not one
     "lora_mid": "LoCon Tucker (lora_mid)",
 }
-KOHYA_SUFFIX = re.compile(r"^(lora_(?:unet|te1|te2|te)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding", "add_embedding")
 
 
 def keymap_for(unet) -> K.KeyMap:
@@ -56,18 +53,24 @@ def _load(path: Path) -> tuple[dict, dict[str, str]]:
 
 def detect_format(tensors: dict) -> str:
     names = list(tensors)
-    found = sorted({label for k in names for marker, label in UNSUPPORTED.items() if marker in k})
+    found = sorted({label for k in names for marker, label in UNSUPPORTED.items() if _marks(k, marker)})
     if found:
         raise LoraFileError(f"unsupported LoRA type: {', '.join(found)}; loratool reads LoRA and LoCon only.")
     if any(k.startswith("lora_te_") for k in names):
         return "kohya-sd1"
     if any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in names):
         return "kohya"
-    if any(K.parse_diffusers_key(k) for k in names):
-        return "diffusers"
-    if any(k.startswith(UNET_ROOTS) and ".lora_A." in k for k in names):
-        return "peft"
+    if any(k.startswith(K.LYCORIS_PREFIX) for k in names):
+        return "lycoris"
+    layouts = {K.diffusers_layout(k) for k in names if K.parse_diffusers_key(k) and not k.endswith(".alpha")}
+    for layout in ("diffusers-old", "diffusers", "peft"):
+        if layout in layouts:
+            return layout
     return "unknown"
+
+
+def _marks(key: str, marker: str) -> bool:
+    return key.endswith((marker, marker + "_b")) if marker == ".diff" else marker in key
 
 
 def read_lora(path: Path, keymap: K.KeyMap) -> LoraNetwork:
@@ -78,8 +81,13 @@ def read_lora(path: Path, keymap: K.KeyMap) -> LoraNetwork:
         raise LoraFileError(f"{path} is a Stable Diffusion 1.x/2.x LoRA (lora_te_ keys), not an SDXL LoRA.")
     if fmt == "unknown":
         sample = ", ".join(list(tensors)[:3])
-        raise LoraFileError(f"{path}: no LoRA keys loratool recognises (first keys: {sample}).")
-    network = _read_kohya(tensors, keymap, path) if fmt == "kohya" else _read_diffusers(tensors, metadata, fmt, path)
+        looks = K.other_layout(tensors)
+        what = (
+            f"it looks like {looks}, a layout loratool does not read" if looks else "no LoRA keys loratool recognises"
+        )
+        raise LoraFileError(f"{path}: {what} (first keys: {sample}).")
+    kohya = fmt in ("kohya", "lycoris")
+    network = _read_kohya(tensors, keymap, path) if kohya else _read_diffusers(tensors, metadata, path)
     network.metadata, network.source_format = metadata, fmt
     if not len(network):
         raise LoraFileError(f"{path} holds no LoRA modules.")
@@ -90,9 +98,9 @@ def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
     groups: dict[str, dict] = defaultdict(dict)
     stray = []
     for key, value in tensors.items():
-        m = KOHYA_SUFFIX.match(key)
-        if m:
-            groups[m.group(1)][m.group(2)] = value
+        parsed = K.parse_kohya_key(key)
+        if parsed:
+            groups[parsed[0]][parsed[1]] = value
         else:
             stray.append(key)
     lookup = keymap.kohya_lookup()
@@ -107,32 +115,24 @@ def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
     return network
 
 
-def _read_diffusers(tensors: dict, metadata: dict[str, str], fmt: str, path: Path) -> LoraNetwork:
+def _read_diffusers(tensors: dict, metadata: dict[str, str], path: Path) -> LoraNetwork:
+    """diffusers, diffusers-old and PEFT keys; alpha from `.alpha` tensors, else the adapter metadata, else rank."""
     groups: dict[tuple[str, str], dict] = defaultdict(dict)
     stray = []
     for key, value in tensors.items():
-        parsed = K.parse_diffusers_key(key if fmt == "diffusers" else "unet." + key)
+        parsed = K.parse_diffusers_key(key)
         if parsed:
             groups[parsed[:2]][parsed[2]] = value
-        elif key.endswith(".alpha") and fmt == "diffusers":
-            groups[_alpha_owner(key)]["alpha"] = value
         else:
             stray.append(key)
     _fail_unknown(path, stray)
     alphas = _adapter_alphas(metadata)
     network = LoraNetwork()
     for (component, module), parts in groups.items():
-        down, up = _pair(parts.get("lora_A"), parts.get("lora_B"), module, path)
+        down, up = _pair(parts.get("down"), parts.get("up"), module, path)
         alpha = parts["alpha"].item() if "alpha" in parts else alphas(component, module, down.shape[0])
         network.add(LoraModule(component, module, down, up, float(alpha)))
     return network
-
-
-def _alpha_owner(key: str) -> tuple[str, str]:
-    for component, prefix in K.DIFFUSERS_PREFIX.items():
-        if key.startswith(prefix):
-            return component, key[len(prefix) : -len(".alpha")]
-    return ("?", key)
 
 
 def _adapter_alphas(metadata: dict[str, str]):
@@ -144,6 +144,7 @@ def _adapter_alphas(metadata: dict[str, str]):
         pattern = raw.get(f"{prefix}.alpha_pattern") or {}
         short = path.removeprefix("text_model.")
         for key, value in pattern.items():
+            key = key.removeprefix("text_model.")
             if short == key or short.endswith("." + key):
                 return float(value)
         return float(raw.get(f"{prefix}.lora_alpha", rank))  # no alpha anywhere: scale 1
@@ -162,10 +163,10 @@ def _pair(down, up, name: str, path: Path):
 def _fail_unknown(path: Path, names: list[str]) -> None:
     if names:
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-        raise LoraFileError(
-            f"{path}: {len(names)} keys do not name a module of this model "
-            f"({', '.join(sorted(names)[:5])}{more}); is it a LoRA for another base model?"
-        )
+        looks = K.other_layout(names)
+        hint = f"they look like {looks}, a layout loratool does not read" if looks else "a LoRA for another base model?"
+        listed = ", ".join(sorted(names)[:5])
+        raise LoraFileError(f"{path}: {len(names)} keys do not name a module of this model ({listed}{more}); {hint}")
 
 
 def check_fits(network: LoraNetwork, shapes: dict[tuple[str, str], tuple[int, ...]], source: str) -> None:
@@ -183,24 +184,81 @@ def check_fits(network: LoraNetwork, shapes: dict[tuple[str, str], tuple[int, ..
 
 
 def standard_metadata(network: LoraNetwork, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The ss_* keys kohya-aware tools read, plus loratool's own."""
-    ranks, alphas = network.ranks(), network.alphas()
-    conv = any(m.is_conv for m in network)
+    """The ss_* keys kohya-aware tools read, plus loratool's own.
+
+    As in sd-scripts, `ss_network_dim`/`alpha` describe the Linear and 1×1 modules and `ss_network_args` the
+    3×3 convs (LoCon): `conv_dim` is the 3×3 rank actually present, `conv_alpha` its alpha.
+    """
+    conv3 = [m for m in network if _is_conv3x3(m)]
+    rest = [m for m in network if not _is_conv3x3(m)] or conv3
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": _num(alphas[0]) if len(alphas) == 1 else "Dynamic",
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_dim": _one({m.rank for m in rest}),
+        "ss_network_alpha": _one({float(m.alpha) for m in rest}),
         "loratool_version": __version__,
     }
-    if conv:
-        conv_ranks = sorted({m.rank for m in network if m.is_conv})
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_ranks[-1])})
+    if conv3:
+        args = {"conv_dim": _one({m.rank for m in conv3}), "conv_alpha": _one({float(m.alpha) for m in conv3})}
+        meta["ss_network_args"] = json.dumps(args)
     return meta | (extra or {})
+
+
+def _is_conv3x3(m: LoraModule) -> bool:
+    return m.is_conv and tuple(m.down.shape[2:]) != (1, 1)
+
+
+def _one(values: set) -> str:
+    return _num(next(iter(values))) if len(values) == 1 else "Dynamic"
 
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def modelspec(title: str, resolution: int | str = 1024, date: str | None = None) -> dict[str, str]:
+    """Stability AI's model-spec keys, as sd-scripts writes them for an SDXL LoRA (Forge reads the architecture)."""
+    from datetime import datetime
+
+    size = f"{resolution}x{resolution}" if isinstance(resolution, int) else resolution
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": size,
+        "modelspec.date": date or datetime.now().replace(microsecond=0).isoformat(),  # sd-scripts: local, no tz
+    }
+
+
+def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`), computed as sd-scripts' `precalculate_safetensors_hashes`.
+
+    sd-scripts serialises the tensors with only the `ss_*` metadata (so user metadata cannot change the hashes)
+    and applies A1111's additional-networks hashes to those bytes: the model hash is sha256 of everything after
+    the header (8-byte length + JSON), i.e. of the tensor data alone, which is what A1111 computes on the real
+    file too; the legacy hash is the first 8 hex digits of sha256 of the 0x10000 bytes at offset 0x100000.
+    """
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header :]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+UI_SUPPORT = {
+    "kohya": "every UI: ComfyUI, A1111, Forge, diffusers and sd-scripts load every module",
+    "diffusers": (
+        "diffusers and peft only: ComfyUI drops most UNet modules, A1111 and Forge load none; "
+        "write --format kohya for UIs"
+    ),
+}
+
+
+def works_in(fmt: str) -> str:
+    """Which tools load a file of this layout, in words (inspect and merge say it)."""
+    return UI_SUPPORT.get(fmt, "loratool reads it; re-write it as kohya (`loratool merge FILE -o OUT`) for every UI")
 
 
 def write_lora(
@@ -213,7 +271,11 @@ def write_lora(
     force: bool = False,
     dtype=None,
 ) -> None:
-    """Write atomically in kohya (SGM names + .alpha) or diffusers (lora_A/B + adapter metadata) layout."""
+    """Write atomically in kohya (SGM names + .alpha) or diffusers (lora_A/B, scale 1) layout.
+
+    diffusers files carry their strength in the factors (alpha = rank): ComfyUI ignores the adapter metadata
+    that holds alphas there, and one alpha per rank also keeps diffusers clear of its alpha_pattern mangling.
+    """
     from safetensors.torch import save_file
 
     from loratool.files import atomic_path
@@ -221,10 +283,16 @@ def write_lora(
     if fmt not in ("kohya", "diffusers"):
         raise LoraFileError(f"--format must be kohya or diffusers, not {fmt!r}.")
     cast = (lambda t: t.to(dtype).contiguous()) if dtype is not None else (lambda t: t.contiguous())
-    tensors = _kohya_tensors(network, keymap, cast) if fmt == "kohya" else _diffusers_tensors(network, cast)
-    meta = standard_metadata(network, metadata) | {"ss_output_name": Path(path).stem, "loratool_format": fmt}
+    if fmt == "kohya":
+        tensors = _kohya_tensors(network, keymap, cast)
+    else:
+        network = LoraNetwork({m.key: m.with_alpha(m.rank) for m in network}, network.metadata)
+        tensors = _diffusers_tensors(network, cast)
+    meta = standard_metadata(network) | modelspec(Path(path).stem) | (metadata or {})
+    meta |= {"ss_output_name": Path(path).stem, "loratool_format": fmt}
     if fmt == "diffusers":
         meta["lora_adapter_metadata"] = _adapter_metadata(network)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(tensors, meta)
     with atomic_path(Path(path), force=force) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 

@@ -3,6 +3,20 @@
 Nothing else in loratool rewrites state-dict keys. The UNet's diffusers ↔ SGM/LDM ("original")
 mapping is derived from the UNet config (blocks, layers per block), so it holds for real SDXL and for
 the tiny test models alike. Text encoders use the HF CLIP module paths under both naming schemes.
+
+Layouts read (producer → what its keys look like):
+- kohya (sd-scripts, LyCORIS-kohya, A1111/ComfyUI exports): `lora_unet_<SGM path>` / `lora_te1_` / `lora_te2_`,
+  `.lora_down.weight`, `.lora_up.weight`, `.alpha`; ai-toolkit, LECO, sliders and diffusers'
+  `convert_state_dict_to_kohya` put the diffusers path after `lora_unet_`.
+- lycoris (SimpleTuner's LyCORIS on a diffusers UNet): `lycoris_<diffusers path>` with kohya's suffixes
+  (ComfyUI maps it to the UNet only, and so do we).
+- diffusers/PEFT (diffusers >= 0.25 `save_lora_weights`): `unet.<path>.lora_A.weight`, `text_encoder.…`,
+  `text_encoder_2.…`; alpha in the `lora_adapter_metadata` header (else scale 1). With transformers 5 the
+  first text encoder has no `text_model.` level (`text_encoder.encoder.layers.…`).
+- diffusers-old (the SDXL dreambooth script before PEFT, diffusers <= 0.24): `unet.<path>.lora.down.weight`,
+  `text_encoder.<path>.lora_linear_layer.down.weight`, and the older attention processors
+  (`…attn1.processor.to_q_lora.down.weight`); no alpha anywhere, so scale 1.
+- peft (a bare `get_peft_model_state_dict` of the UNet): `<path>.lora_A.weight`, maybe `base_model.model.` first.
 """
 
 from __future__ import annotations
@@ -12,7 +26,39 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+LYCORIS_PREFIX = "lycoris_"
 DIFFUSERS_PREFIX = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding", "add_embedding")
+KOHYA_KEY = re.compile(r"^((?:lora_(?:unet|te1|te2|te)|lycoris)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# diffusers/PEFT factor names → our roles; the adapter name PEFT may insert (`lora_A.default.weight`) is skipped.
+DIFFUSERS_KEY = re.compile(
+    r"^(?P<path>.+?)\.(?:(?P<peft>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+    r"|(?P<old>lora|lora_linear_layer)\.(?P<old_role>down|up)\.weight|(?P<alpha>alpha))$"
+)
+# diffusers' attention processors (LoRAAttnProcessor): `attn1.processor.to_q_lora.down.weight` → `attn1.to_q`.
+PROCESSOR_KEY = re.compile(
+    r"^(?P<head>.+?)\.(?:processor\.)?(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$"
+)
+PROCESSOR_PATHS = {
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+ROLES = {"lora_A": "down", "lora_B": "up", "down": "down", "up": "up"}
+# Layouts loratool does not read, by a marker in their keys: named in the refusal instead of a guess.
+OTHER_LAYOUTS = (
+    ("lora_unet_double_blocks_", "a FLUX.1 LoRA (kohya naming)"),
+    ("lora_unet_single_blocks_", "a FLUX.1 LoRA (kohya naming)"),
+    ("lora_unet_joint_blocks_", "a Stable Diffusion 3 LoRA (kohya naming)"),
+    ("lora_prior_unet_", "a Stable Cascade LoRA"),
+    ("transformer.", "a diffusion-transformer LoRA (FLUX, SD3, PixArt…; diffusers naming)"),
+    ("lora_transformer_", "a diffusion-transformer LoRA (FLUX, SD3…; kohya naming)"),
+    ("model.diffusion_model.", "a full SD/SDXL checkpoint (model.diffusion_model.*), not a LoRA"),
+    ("diffusion_model.", "a ComfyUI-native file (diffusion_model.* keys)"),
+    ("clip_g", "an SDXL textual-inversion embedding (clip_l/clip_g), not a LoRA"),
+    ("emb_params", "a textual-inversion embedding, not a LoRA"),
+    ("encoder.down_blocks.", "a VAE, not a LoRA"),
+    ("encoder.down.", "a VAE, not a LoRA"),
+)
 # Inside a ResNet block the two layouts name the layers differently (LDM's nn.Sequential indices).
 RESNET_RENAMES = (
     ("norm1", "in_layers.0"),
@@ -131,10 +177,11 @@ class KeyMap:
         return KOHYA_PREFIX[component] + flat(sgm)
 
     def kohya_lookup(self) -> dict[str, tuple[str, str]]:
-        """Flattened kohya name → (component, diffusers path), for SGM and diffusers-style UNet names."""
+        """Flattened kohya name → (component, diffusers path), for SGM, diffusers-style and `lycoris_` UNet names."""
         table: dict[str, tuple[str, str]] = {}
         for path in self.unet_modules:
             table[KOHYA_PREFIX["unet"] + flat(path)] = ("unet", path)
+            table[LYCORIS_PREFIX + flat(path)] = ("unet", path)
             try:
                 table[self.kohya_name("unet", path)] = ("unet", path)
             except KeyError:
@@ -152,16 +199,59 @@ class KeyMap:
         return None
 
 
+def parse_kohya_key(key: str) -> tuple[str, str] | None:
+    """(module name, 'lora_down.weight'|'lora_up.weight'|'alpha') for a kohya or `lycoris_` key, else None."""
+    m = KOHYA_KEY.match(key)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def diffusers_key(component: str, path: str, which: str) -> str:
     """`unet.<path>.lora_A.weight` (down) or `.lora_B.weight` (up), as diffusers' load_lora_weights reads."""
     return f"{DIFFUSERS_PREFIX[component]}{path}.{which}.weight"
 
 
-def parse_diffusers_key(key: str) -> tuple[str, str, str] | None:
-    """(component, path, 'lora_A'|'lora_B') for a diffusers/PEFT key, else None."""
+def split_component(key: str) -> tuple[str, str] | None:
+    """(component, key inside it): `unet.`/`text_encoder.`/`text_encoder_2.` prefixes, or a bare PEFT UNet key."""
     for component, prefix in DIFFUSERS_PREFIX.items():
-        if key.startswith(prefix) and (
-            m := re.match(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key[len(prefix) :])
-        ):
-            return component, m.group(1), m.group(2)
+        if key.startswith(prefix):
+            return component, key[len(prefix) :]
+    bare = key.removeprefix("base_model.model.")
+    return ("unet", bare) if bare.startswith(UNET_ROOTS) else None
+
+
+def parse_diffusers_key(key: str) -> tuple[str, str, str] | None:
+    """(component, canonical path, 'down'|'up'|'alpha') for any diffusers, PEFT or old diffusers key, else None.
+
+    Text-encoder paths are canonical `text_model.…` whether or not the producer's transformers had that level.
+    """
+    split = split_component(key)
+    if split is None:
+        return None
+    component, rest = split
+    if m := PROCESSOR_KEY.match(rest):
+        path = f"{m['head']}.{PROCESSOR_PATHS['unet' if component == 'unet' else 'text'][m['proj']]}"
+        role = m["role"]
+    elif m := DIFFUSERS_KEY.match(rest):
+        path, role = m["path"], "alpha" if m["alpha"] else ROLES[m["peft"] or m["old_role"]]
+    else:
+        return None
+    if component != "unet" and not path.startswith("text_model."):
+        path = "text_model." + path
+    return component, path, role
+
+
+def diffusers_layout(key: str) -> str:
+    """Which diffusers-family layout a key parse_diffusers_key accepts belongs to (for reports)."""
+    if split_component(key)[0] == "unet" and not key.startswith("unet."):
+        return "peft"
+    if PROCESSOR_KEY.match(key) or re.search(r"\.(lora|lora_linear_layer)\.(down|up)\.weight$", key):
+        return "diffusers-old"
+    return "diffusers"
+
+
+def other_layout(keys: Iterable[str]) -> str | None:
+    """What a file we do not read looks like, from its key names; None if nothing familiar."""
+    for marker, label in OTHER_LAYOUTS:
+        if any(k.startswith(marker) for k in keys):
+            return label
     return None

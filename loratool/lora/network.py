@@ -37,6 +37,12 @@ class LoraModule:
     def key(self) -> tuple[str, str]:
         return (self.component, self.path)
 
+    def with_alpha(self, alpha: float) -> LoraModule:
+        """The same ΔW written with another alpha: the change of scale is folded into `up` (in float32)."""
+        factor = float(self.alpha) / float(alpha)
+        up = self.up if factor == 1 else (self.up.float() * factor).to(self.up.dtype)
+        return LoraModule(self.component, self.path, self.down, up, float(alpha))
+
     def delta(self):
         """The dense ΔW (float32), shaped like the target weight. For tests and small layers only."""
 

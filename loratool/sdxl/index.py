@@ -69,6 +69,7 @@ class ModelIndex:
 
     keymap: KeyMap
     shapes: dict[tuple[str, str], tuple[int, ...]]
+    unet_config: dict = field(default_factory=lambda: dict(reference.BASE_UNET))
 
     @classmethod
     def of_models(cls, unet, te1=None, te2=None) -> ModelIndex:
@@ -77,7 +78,16 @@ class ModelIndex:
         for component, encoder in (("te1", te1), ("te2", te2)):
             if encoder is not None:
                 shapes |= layer_shapes(encoder, component)
-        return cls(keymap_for(unet), shapes)
+        return cls(keymap_for(unet), shapes, dict(unet.config))
+
+    def base_metadata(self, name: str | None) -> dict[str, str]:
+        """What a LoRA made or merged on this model records about it: version family, model used, native size."""
+        size = 8 * int(self.unet_config.get("sample_size", 128))  # latents are 1/8 of the image in SDXL's VAE
+        return {
+            "ss_base_model_version": reference.base_model_version(self.unet_config),
+            "ss_sd_model_name": name or "stabilityai/stable-diffusion-xl-base-1.0",
+            "modelspec.resolution": f"{size}x{size}",
+        }
 
     @classmethod
     def of_pipeline(cls, pipe) -> ModelIndex:

@@ -91,6 +91,21 @@ TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14 text tower
 BASE_INDEX = Path(__file__).with_name("sdxl_base_layers.json")
 
 
+def base_model_version(unet_config) -> str:
+    """`ss_base_model_version` for a LoRA made on a UNet with this config, as sd-scripts names versions.
+
+    Any UNet with SDXL 1.0 base's architecture (base or a fine-tune) is `sdxl_base_v1-0`, as sd-scripts writes;
+    other SDXL-family UNets (the refiner, the demo model) are `sdxl_custom`: the `sdxl_` prefix still tells
+    A1111 the family, without claiming a base the LoRA would not fit.
+    """
+
+    def norm(v):
+        return list(v) if isinstance(v, list | tuple) else v
+
+    same = all(norm(unet_config.get(k)) == norm(v) for k, v in BASE_UNET.items())
+    return "sdxl_base_v1-0" if same else "sdxl_custom"
+
+
 def load_base_index() -> dict[tuple[str, str], tuple[int, ...]]:
     """{(component, path): weight shape} of every Linear/Conv2d of SDXL 1.0 base (UNet and both encoders).
 

@@ -10,6 +10,7 @@ importing this package must not cost `loratool --help` the seconds torch takes.
 
 from pathlib import Path
 
+from loratool import libraries
 from loratool.train.config import DreamboothConfig, TrainConfig
 
 
@@ -19,6 +20,8 @@ def run(config: TrainConfig) -> list[Path]:
     from loratool.train.loop import check_outputs, preflight, train
 
     mode = dreambooth if isinstance(config, DreamboothConfig) else copy_machine
+    if config.quantize_base or config.optimizer == "adamw8bit":
+        libraries.with_bitsandbytes()  # the CLI keeps it (and its CPU-kernel warning) out of other runs
     preflight(config)
     for path in config.lora_paths():
         check_outputs(config, path)

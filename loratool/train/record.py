@@ -48,8 +48,10 @@ def write_outputs(
 def metadata(config: TrainConfig, trainee: Trainee, state: TrainState) -> dict[str, str]:
     """Strings only (safetensors metadata); enough for `merge`/`sample` to read instead of asking again.
 
-    write_lora adds the standard ss_* keys (dim, alpha, module, base model version, output name).
+    write_lora adds the standard ss_* keys (dim, alpha, module, output name), modelspec and the sshs hashes.
     """
+    from loratool.sdxl.reference import base_model_version
+
     mode = getattr(config, "mode", "copy")
     recipe = json.dumps(trainee.base_loras) if trainee.base_loras else mode
     meta = {
@@ -67,6 +69,10 @@ def metadata(config: TrainConfig, trainee: Trainee, state: TrainState) -> dict[s
         "ss_steps": str(state.step),
         "ss_learning_rate": str(config.lr),
         "ss_seed": str(config.seed),
+        "ss_base_model_version": base_model_version(trainee.unet.config),
+        "ss_sd_model_name": config.model,
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
     }
     if trainee.image is not None:
         meta |= {"loratool_image": trainee.image.path.name, "loratool_image_sha256": trainee.data_sha256}
