@@ -1,6 +1,7 @@
 """Slider quality on the demo model, per concept: one JSON line.
 
     python benchmarks/demo_sliders.py --concepts size,colour,position --seeds 8 [--recipe 2] [--pair-seed 0]
+        [--weights DIR]   # another demo model (base/, refiner/), e.g. the previous version as a baseline
 
 Runs `loratool demo` (copy both images, merge A:+1 B:-1 for recipe 2) for each concept on its pair, sweeps
 -1..1 in five scales in the pair's scene minus the concept's words, and reports what demo.evaluation
@@ -48,8 +49,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--recipe", type=int, default=2)
     p.add_argument("--pair-seed", type=int, default=0)
+    p.add_argument("--weights", type=Path, default=None, help="demo model folder to use instead of the shipped one")
     a = p.parse_args()
     import torch
+
+    if a.weights is not None:
+        from loratool.sdxl import models
+
+        models.DEMO_WEIGHTS = a.weights.resolve()
 
     torch.set_num_threads(1)
     seeds = list(range(a.seeds))
@@ -57,7 +64,9 @@ def main() -> None:
         result = {
             c: run_concept(c, seeds, a.recipe, a.pair_seed, Path(tmp)) for c in a.concepts.split(",") if c.strip()
         }
-    print(json.dumps({"benchmark": "demo_sliders", "recipe": a.recipe, "seeds": a.seeds, "concepts": result}))
+    weights = str(a.weights) if a.weights else "shipped"
+    print(json.dumps({"benchmark": "demo_sliders", "weights": weights, "recipe": a.recipe, "seeds": a.seeds,
+                      "concepts": result}))  # fmt: skip
 
 
 if __name__ == "__main__":

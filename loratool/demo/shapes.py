@@ -66,19 +66,16 @@ def rgb(hue: float) -> tuple[int, int, int]:
     return round(255 * r), round(255 * g), round(255 * b)
 
 
-@dataclass(frozen=True)
-class Scene:
-    shape: str
-    hue: float  # degrees
-    radius: float  # px
-    cx: float  # centre, px
-    cy: float
-    background: str = "white"
-    named: tuple[str, ...] = ATTRIBUTES  # the attributes the caption names
+class Worded:
+    """The caption words of a shape's hue, radius and centre x: what a Scene names, what `describe` reads."""
+
+    hue: float | None
+    radius: float
+    cx: float
 
     @property
-    def colour(self) -> str:
-        return hue_name(self.hue)
+    def colour(self) -> str | None:
+        return None if self.hue is None else hue_name(self.hue)
 
     @property
     def size(self) -> str:
@@ -87,6 +84,17 @@ class Scene:
     @property
     def position(self) -> str:
         return "left" if self.cx < LEFT_BELOW else "right" if self.cx >= RIGHT_FROM else "center"
+
+
+@dataclass(frozen=True)
+class Scene(Worded):
+    shape: str
+    hue: float  # degrees
+    radius: float  # px
+    cx: float  # centre, px
+    cy: float
+    background: str = "white"
+    named: tuple[str, ...] = ATTRIBUTES  # the attributes the caption names
 
     @property
     def nameable(self) -> tuple[str, ...]:
@@ -132,9 +140,7 @@ def _hue(rng: np.random.Generator) -> float:
     return float(rng.uniform(0.0, 360.0))
 
 
-def random_scene(
-    rng: np.random.Generator, backgrounds: tuple[str, ...] = ("white",), drop_words: bool = True
-) -> Scene:
+def random_scene(rng: np.random.Generator, backgrounds: tuple[str, ...] = ("white",), drop_words: bool = True) -> Scene:
     """Uniform shape, hue, radius and place; with `drop_words`, each attribute is named with KEEP_WORD's chance."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     hue, radius = _hue(rng), float(rng.uniform(*RADIUS))
@@ -253,7 +259,7 @@ def progress(value: float, concept: str, minus: float, plus: float) -> float:
 
 
 @dataclass(frozen=True)
-class Description:
+class Description(Worded):
     """What `describe` sees in an image: the shape's mean hue, area (px), centroid, box radius and kind.
 
     `fill` is the area over the bounding box's: ~1 square, ~0.79 circle, ~0.5 triangle, low for scattered noise.
@@ -266,18 +272,6 @@ class Description:
     radius: float
     shape: str | None
     fill: float = 0.0
-
-    @property
-    def colour(self) -> str | None:
-        return None if self.hue is None else hue_name(self.hue)
-
-    @property
-    def size(self) -> str:
-        return "large" if self.radius >= LARGE_FROM else "small"
-
-    @property
-    def position(self) -> str:
-        return "left" if self.cx < LEFT_BELOW else "right" if self.cx >= RIGHT_FROM else "center"
 
 
 def describe(image: Image.Image | np.ndarray) -> Description:
