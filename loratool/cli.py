@@ -257,6 +257,22 @@ def sample(
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Model CPU offload (CUDA only).")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA only).")] = False,
     force: ForceOpt = False,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="Pull the render toward this image (reference-only).")
+    ] = None,
+    reference_mode: Annotated[
+        str | None, typer.Option("--reference-mode", help="attn | adain | attn+adain (default attn).")
+    ] = None,
+    reference_variant: Annotated[
+        str | None, typer.Option("--reference-variant", help="coarse | fine (default fine).")
+    ] = None,
+    style_fidelity: Annotated[
+        float | None, typer.Option("--style-fidelity", help="Fine only: 0 (= coarse) .. 1 (default 0.5).")
+    ] = None,
+    reference_weight: Annotated[
+        float | None, typer.Option("--reference-weight", help="Share of UNet layers that see it, 0..1 (default 1).")
+    ] = None,
+    reference_refiner: Annotated[bool, typer.Option("--reference-refiner", help="Guide the refiner too.")] = False,
 ) -> None:
     """Render through SDXL base + refiner; with --lora, sweep one LoRA's scale (sheet, animation, sweep.json)."""
     from loratool import sample as verb
@@ -294,6 +310,12 @@ def sample(
         cpu_offload=cpu_offload,
         compile=compile_unet,
         force=force,
+        reference=reference,
+        reference_mode=reference_mode,
+        reference_variant=reference_variant,
+        style_fidelity=style_fidelity,
+        reference_weight=reference_weight,
+        reference_refiner=reference_refiner,
     )
     for path in verb.run(config):
         typer.echo(str(path))

@@ -11,6 +11,8 @@ from loratool.sample.pipeline import check_scheduler
 from loratool.sdxl.index import parse_spec
 from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER
 
+REFERENCE_MODES = ("attn", "adain", "attn+adain")
+
 
 @dataclass
 class SampleConfig:
@@ -47,6 +49,12 @@ class SampleConfig:
     compile: bool = False
     switch: str = "fold"  # fold | fuse | adapters: how LoRA weights change (see benchmarks/sample.py)
     force: bool = False
+    reference: Path | None = None  # image the render is pulled toward, nothing trained (sample/reference.py)
+    reference_mode: str | None = None  # attn | adain | attn+adain (default attn)
+    reference_variant: str | None = None  # coarse | fine (default fine): fine spares the unconditional half
+    style_fidelity: float | None = None  # fine only, 0..1 (default 0.5): 0 is coarse, 1 the most faithful
+    reference_weight: float | None = None  # share of the UNet's layers that see it, widest first (default 1)
+    reference_refiner: bool = False  # guide the refiner too
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -65,6 +73,7 @@ class SampleConfig:
         if self.loras and not self.scales:
             raise InputError("--values/--slider gave no scales.")
         check_scheduler(self.scheduler)
+        self._resolve_reference()
         self.swept_index()  # a bad --sweep fails now, not after loading models
 
     def _resolve_split(self) -> None:
@@ -78,6 +87,40 @@ class SampleConfig:
             self.high_noise_frac = 0.8
         if not 0.0 < self.high_noise_frac <= 1.0:
             raise InputError(f"--high-noise-frac must be in (0, 1], not {self.high_noise_frac}.")
+
+    def _resolve_reference(self) -> None:
+        """Defaults for a --reference, and errors for reference options without one."""
+        given = {
+            "--reference-mode": self.reference_mode,
+            "--reference-variant": self.reference_variant,
+            "--style-fidelity": self.style_fidelity,
+            "--reference-weight": self.reference_weight,
+            "--reference-refiner": self.reference_refiner or None,
+        }
+        if self.reference is None:
+            flag = next((f for f, v in given.items() if v is not None), None)
+            if flag:
+                raise InputError(f"{flag} needs --reference IMAGE.")
+            return
+        if self.compile:
+            raise InputError("--compile does not combine with --reference: leave one of them out.")
+        self.reference_mode = self.reference_mode or "attn"
+        self.reference_variant = self.reference_variant or "fine"
+        if self.reference_mode not in REFERENCE_MODES:
+            raise InputError(
+                f"--reference-mode must be one of {', '.join(REFERENCE_MODES)}, not {self.reference_mode!r}."
+            )
+        if self.reference_variant not in ("coarse", "fine"):
+            raise InputError(f"--reference-variant must be coarse or fine, not {self.reference_variant!r}.")
+        if self.reference_variant == "coarse" and self.style_fidelity is not None:
+            raise InputError("--style-fidelity applies to --reference-variant fine only (coarse is fidelity 0).")
+        if self.reference_variant == "fine" and self.style_fidelity is None:
+            self.style_fidelity = 0.5
+        if self.style_fidelity is not None and not 0.0 <= self.style_fidelity <= 1.0:
+            raise InputError(f"--style-fidelity must be in [0, 1], not {self.style_fidelity}.")
+        self.reference_weight = 1.0 if self.reference_weight is None else self.reference_weight
+        if not 0.0 <= self.reference_weight <= 1.0:
+            raise InputError(f"--reference-weight must be in [0, 1], not {self.reference_weight}.")
 
     @property
     def uses_refiner(self) -> bool:
