@@ -96,6 +96,10 @@ def guides(base, refiner, reference: Reference | None, size: tuple[int, int], cf
     return [Guide(pipe, reference, latent, image.time_ids(), cfg) for pipe in pipes]
 
 
+class _WriteDone(Exception):
+    """Raised by the last layer that keeps anything: the rest of the write pass is skipped."""
+
+
 class _Switch:
     """What every processor and hook of one Guide reads: the pass under way and how the CFG batch is split."""
 
@@ -103,6 +107,16 @@ class _Switch:
         self.mode = "off"  # off | write | read
         self.fidelity = fidelity
         self.uncond = 0  # rows of the batch that are the unconditional half
+        self.order: list[int] = []  # ids of the keeping layers in the order the first write pass met them
+        self.last: int | None = None  # the last of them, once known
+
+    def kept(self, layer: object) -> None:
+        """A layer has kept what it needs; after the last one nothing of the write pass is used. The first
+        pass runs whole to learn which layer that is (forward order is the UNet's business, not ours)."""
+        if self.last is None:
+            self.order.append(id(layer))
+        elif id(layer) == self.last:
+            raise _WriteDone
 
     def blend(self, with_ref: torch.Tensor, without) -> torch.Tensor:
         """Fine variant: the unconditional rows get fidelity·without(rows) + (1 − fidelity)·with_ref."""
@@ -126,6 +140,7 @@ class ReferenceAttnProcessor:
 
         if self.switch.mode == "write":
             self.bank = hidden_states
+            self.switch.kept(self)
         if self.switch.mode != "read" or self.bank is None:
             return attend(hidden_states, encoder_hidden_states)
         with_ref = attend(hidden_states, torch.cat([hidden_states, self.bank], dim=1))
@@ -142,6 +157,7 @@ class _Statistics:
         if self.switch.mode == "write":
             var, self.mean = torch.var_mean(h, dim=(2, 3), keepdim=True, correction=0)
             self.std = var.clamp_min(EPS).sqrt()
+            self.switch.kept(self)
         if self.switch.mode != "read" or self.mean is None:
             return None
         var, mean = torch.var_mean(h, dim=(2, 3), keepdim=True, correction=0)
@@ -224,8 +240,12 @@ class Guide:
         self.switch.mode = "write"
         try:
             unet(self._noised(timestep, sample), timestep, *args[2:], **rest)
+        except _WriteDone:
+            pass
         finally:
             self.switch.mode = "read"
+        if self.switch.last is None and self.switch.order:
+            self.switch.last = self.switch.order[-1]
         return None
 
     def _noised(self, timestep, sample: torch.Tensor) -> torch.Tensor:
