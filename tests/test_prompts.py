@@ -82,3 +82,18 @@ def test_prompt_2_keeps_its_own_encoder(pipe):
     assert not torch.equal(weighted["pooled_prompt_embeds"], plain["pooled_prompt_embeds"])
     negative = prompts.encode(pipe, "a circle", negative="(blue:1.4)")
     assert torch.equal(negative["prompt_embeds"], prompts.encode(pipe, "a circle", negative="blue")["prompt_embeds"])
+
+
+def test_sample_renders_a_weighted_prompt_differently(cli, tiny_models, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    def png(name, *prompt):
+        args = ["sample", "--steps", "2", "--refiner", "none", "--model", tiny_models / "base", "-o", tmp_path / name]
+        code, _, err = cli(*args, *prompt)
+        assert code == 0, err
+        return np.asarray(Image.open(tmp_path / name / "seed0.png"), dtype=np.int16)
+
+    plain = png("plain", "--prompt", "a red circle", "--prompt-2", "blue")
+    weighted = png("weighted", "--prompt", "a (red:1.6) circle", "--prompt-2", "(blue)0.5")
+    assert np.abs(weighted - plain).mean() > 0.1

@@ -20,6 +20,7 @@ processors are set back and every hook removed, so the pipeline renders as a fre
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from loratool.data.images import load_image, prepare
 from loratool.errors import InputError
 from loratool.files import sha256
 from loratool.train.conditioning import encode_latent
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-6  # floor of a variance before its square root
 
@@ -92,6 +95,8 @@ def guides(base, refiner, reference: Reference | None, size: tuple[int, int], cf
     latent = encode_latent(vae, image.pixels[None])
     if vae.dtype != dtype:
         vae.to(dtype)  # encode_latent works in fp32; give the pipeline its VAE back as it was
+    if reference.refiner and refiner is None:
+        log.warning("--reference-refiner: this run has no refiner; the base alone is guided.")
     pipes = [base, refiner] if reference.refiner and refiner is not None else [base]
     return [Guide(pipe, reference, latent, image.time_ids(), cfg) for pipe in pipes]
 
