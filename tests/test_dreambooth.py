@@ -149,7 +149,7 @@ def test_wrong_mode_generates_its_dataset_once_then_trains_on_the_trigger_word(t
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["loratool_trigger"] == "wrong" and meta["loratool_mode"] == "wrong"
-    assert meta["loratool_prompt_weighting"] == "repetition (compel not installed)"
+    assert meta["loratool_prompt_weighting"] == "compel (word)1.3"
     assert json.loads(meta["ss_tag_frequency"]) == {"wrong-data": {"wrong": 3}}
     stamps = [p.stat().st_mtime_ns for p in images]
     logging.getLogger().handlers.clear()

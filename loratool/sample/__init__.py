@@ -12,6 +12,7 @@ same split seen from the refiner: it runs the last F of the schedule (≈ F·ste
 The package, one job per module; each imports only modules listed above it (and none imports this one):
   pipeline  one image through base + refiner: schedulers, prompt embeddings, the hand-off
   config    SampleConfig and the parsers of its flags
+  reference reference-only guidance (--reference): write/read passes installed on a UNet for one run
   scales    which scales a sweep renders, their labels and file names
   sweep     every (scale, seed) with the LoRA weights switched in place
   quality   slider metrics of a sweep: change vs scale 0, growth with |scale|, glide
@@ -23,6 +24,7 @@ torch, diffusers and the LoRA code load inside `run`, so importing the package (
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from loratool.errors import InputError
@@ -40,9 +42,12 @@ log = logging.getLogger(__name__)
 
 def run(config: SampleConfig) -> list[Path]:
     """Render and write everything in `plan(config)`; returns the files written."""
+    from loratool.sample.reference import guides, read_reference  # imports torch
+
     outputs = plan(config)
     for path in outputs.all():
         check_writable(path, config.force)
+    reference = read_reference(config)  # a bad image fails before any model loads
     runtime = pick_runtime(config.device, config.precision)
     if (config.cpu_offload or config.compile) and not runtime.device.startswith("cuda"):
         flag = "--cpu-offload" if config.cpu_offload else "--compile"
@@ -50,24 +55,38 @@ def run(config: SampleConfig) -> list[Path]:
     base, refiner = _load(config, runtime)
     prompt = make_prompt(config)
     refiner_embeds = embeddings(refiner, prompt) if refiner is not None else None  # before any LoRA is injected
-    if not config.loras:
-        embeds = embeddings(base, prompt)
-        _compile(base, config)
-        for seed in config.seeds:
-            path = outputs.images[(seed, 0.0)]
-            image = render(base, refiner, prompt, make_schedule(base, config), seed, embeds, refiner_embeds)
-            save_png(image, path, config, seed)
-            log.info("wrote %s", path)
-        return list(outputs.images.values())
-    from loratool.sdxl.adapters import Adapters, read_loras  # imports torch
+    size = make_schedule(base, config)
+    with ExitStack() as stack:  # reference guidance is on for the renders only, then the UNets are plain again
+        active = [
+            stack.enter_context(g) for g in guides(base, refiner, reference, (size.width, size.height), prompt.cfg)
+        ]
+        if not config.loras:
+            return _render_plain(base, refiner, config, prompt, refiner_embeds, outputs, active, reference)
+        from loratool.sdxl.adapters import Adapters, read_loras  # imports torch
 
-    swept = config.swept_index()
-    loras = read_loras(base, config.loras, swept)  # a misfit fails before rendering
-    adapters = Adapters(base, loras, mode=config.switch)
-    _compile(base, config)
-    images = render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept)
+        swept = config.swept_index()
+        loras = read_loras(base, config.loras, swept)  # a misfit fails before rendering
+        adapters = Adapters(base, loras, mode=config.switch)
+        _compile(base, config)
+        images = render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept, guides=active)
     records = [x.record(i == swept) for i, x in enumerate(loras)]
-    return write_sweep(config, outputs, images, records, base_step_count(base, config, refiner is not None))
+    n_base = base_step_count(base, config, refiner is not None)
+    ref = reference.record() if reference else None
+    return write_sweep(config, outputs, images, records, n_base, reference=ref)
+
+
+def _render_plain(base, refiner, config, prompt, refiner_embeds, outputs, guides, reference) -> list[Path]:
+    """One image per seed, no LoRA; each written as soon as it is rendered."""
+    embeds = embeddings(base, prompt)
+    _compile(base, config)
+    schedule = make_schedule(base, config)
+    schedule.guides = guides
+    for seed in config.seeds:
+        path = outputs.images[(seed, 0.0)]
+        image = render(base, refiner, prompt, schedule, seed, embeds, refiner_embeds)
+        save_png(image, path, config, seed, reference=reference.record() if reference else None)
+        log.info("wrote %s", path)
+    return list(outputs.images.values())
 
 
 def _load(config: SampleConfig, runtime):

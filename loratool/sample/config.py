@@ -12,7 +12,9 @@ from loratool.sample.pipeline import check_scheduler
 from loratool.sdxl.index import parse_spec
 from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 
-MODEL, SWEEP, REFINER = "Model", "Slider sweep", "Refiner hand-off"
+MODEL, SWEEP, REFINER, REFERENCE = "Model", "Slider sweep", "Refiner hand-off", "Reference-only"
+
+REFERENCE_MODES = ("attn", "adain", "attn+adain")
 
 
 @dataclass
@@ -56,6 +58,14 @@ class SampleConfig:
     compile: bool = option(False, "torch.compile the UNet (CUDA only).", panel=MODEL)
     switch: str = "fold"  # fold | fuse | adapters: how LoRA weights change (see benchmarks/sample.py)
     force: bool = option(False, "Overwrite existing outputs.")
+    reference: Path | None = option(None, "Pull the render toward this image (reference-only).", panel=REFERENCE)
+    reference_mode: str | None = option(None, "attn | adain | attn+adain (default attn).", panel=REFERENCE)
+    reference_variant: str | None = option(None, "coarse | fine (default fine).", panel=REFERENCE)
+    style_fidelity: float | None = option(None, "Fine only: 0 (= coarse) .. 1 (default 0.5).", panel=REFERENCE)
+    reference_weight: float | None = option(
+        None, "Share of UNet layers that see it, widest first, 0..1 (default 1).", panel=REFERENCE
+    )
+    reference_refiner: bool = option(False, "Guide the refiner too.", panel=REFERENCE)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -80,6 +90,7 @@ class SampleConfig:
         if self.loras and not self.scales:
             raise InputError("--values/--slider gave no scales.")
         check_scheduler(self.scheduler)
+        self._resolve_reference()
         self.swept_index()  # a bad --sweep fails now, not after loading models
 
     def _resolve_split(self) -> None:
@@ -94,6 +105,40 @@ class SampleConfig:
             self.high_noise_frac = 0.8
         if not 0.0 < self.high_noise_frac <= 1.0:
             raise InputError(f"--high-noise-frac must be in (0, 1], not {self.high_noise_frac}.")
+
+    def _resolve_reference(self) -> None:
+        """Defaults for a --reference, and errors for reference options without one."""
+        given = {
+            "--reference-mode": self.reference_mode,
+            "--reference-variant": self.reference_variant,
+            "--style-fidelity": self.style_fidelity,
+            "--reference-weight": self.reference_weight,
+            "--reference-refiner": self.reference_refiner or None,
+        }
+        if self.reference is None:
+            flag = next((f for f, v in given.items() if v is not None), None)
+            if flag:
+                raise InputError(f"{flag} needs --reference IMAGE.")
+            return
+        if self.compile:
+            raise InputError("--compile does not combine with --reference: leave one of them out.")
+        self.reference_mode = self.reference_mode or "attn"
+        self.reference_variant = self.reference_variant or "fine"
+        if self.reference_mode not in REFERENCE_MODES:
+            raise InputError(
+                f"--reference-mode must be one of {', '.join(REFERENCE_MODES)}, not {self.reference_mode!r}."
+            )
+        if self.reference_variant not in ("coarse", "fine"):
+            raise InputError(f"--reference-variant must be coarse or fine, not {self.reference_variant!r}.")
+        if self.reference_variant == "coarse" and self.style_fidelity is not None:
+            raise InputError("--style-fidelity applies to --reference-variant fine only (coarse is fidelity 0).")
+        if self.reference_variant == "fine" and self.style_fidelity is None:
+            self.style_fidelity = 0.5
+        if self.style_fidelity is not None and not 0.0 <= self.style_fidelity <= 1.0:
+            raise InputError(f"--style-fidelity must be in [0, 1], not {self.style_fidelity}.")
+        self.reference_weight = 1.0 if self.reference_weight is None else self.reference_weight
+        if not 0.0 <= self.reference_weight <= 1.0:
+            raise InputError(f"--reference-weight must be in [0, 1], not {self.reference_weight}.")
 
     @property
     def uses_refiner(self) -> bool:

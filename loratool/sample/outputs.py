@@ -47,7 +47,9 @@ def plan(config: SampleConfig) -> Plan:
     return Plan(images, refs, out / "sheet.png", gifs, out / "sweep.json")
 
 
-def parameters_text(config: SampleConfig, seed: int, size: tuple[int, int], loras: list[dict], scale=None) -> str:
+def parameters_text(
+    config: SampleConfig, seed: int, size: tuple[int, int], loras: list[dict], scale=None, reference=None
+) -> str:
     """A1111-style `parameters` chunk, so other UIs and image viewers show how an image was made."""
     lines = [config.prompt, f"Negative prompt: {config.negative_prompt}"]
     fields = [
@@ -63,31 +65,50 @@ def parameters_text(config: SampleConfig, seed: int, size: tuple[int, int], lora
         fields.append(f'Lora hashes: "{names}", Lora weights: "{weights}"')
         swept = next(x for x in loras if x["swept"])
         fields.append(f"Slider: {swept['name']}, Slider scale: {scale}, LoRA start: {config.lora_start}")
+    if reference:
+        fields.append(reference_text(reference))
     fields.append(f"Version: loratool {__version__}")
     return "\n".join([*lines, ", ".join(fields)])
 
 
-def save_png(image, path: Path, config: SampleConfig, seed: int, loras: list[dict] | None = None, scale=None) -> None:
+def reference_text(reference: dict) -> str:
+    """The reference in the `parameters` chunk: file, hash and how it guided the render."""
+    fidelity = "" if reference["style_fidelity"] is None else f", Style fidelity: {reference['style_fidelity']}"
+    return (
+        f'Reference: "{Path(reference["file"]).name}: {reference["sha256"][:12]}", '
+        f"Reference mode: {reference['mode']}, Reference variant: {reference['variant']}{fidelity}, "
+        f"Reference weight: {reference['weight']}, Reference on refiner: {reference['refiner']}"
+    )
+
+
+def save_png(
+    image, path: Path, config: SampleConfig, seed: int, loras: list[dict] | None = None, scale=None, reference=None
+) -> None:
+    """`reference` is Reference.record() of a --reference run."""
     from PIL.PngImagePlugin import PngInfo
 
     loras = loras or []
     info = PngInfo()
-    info.add_text("parameters", parameters_text(config, seed, image.size, loras, scale))
+    info.add_text("parameters", parameters_text(config, seed, image.size, loras, scale, reference))
     record = config.record() | {"seed": seed, "size": list(image.size)}
     if loras:
         record |= {"scale": scale, "lora_weights": loras}
+    if reference:
+        record["reference_sha256"] = reference["sha256"]
     info.add_text("loratool", json.dumps(record))
     with atomic_path(path, force=config.force) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def write_sweep(config: SampleConfig, outputs: Plan, images: dict, loras: list[dict], n_base: int) -> list[Path]:
+def write_sweep(
+    config: SampleConfig, outputs: Plan, images: dict, loras: list[dict], n_base: int, reference=None
+) -> list[Path]:
     """PNGs with parameters, the contact sheet, one animation per seed, and sweep.json; `n_base` is how many
-    steps the base (and so the LoRAs) ran."""
+    steps the base (and so the LoRAs) ran, `reference` the --reference record."""
     for (seed, scale), path in outputs.images.items():
-        save_png(images[(seed, scale)], path, config, seed, loras, scale)
+        save_png(images[(seed, scale)], path, config, seed, loras, scale, reference)
     for seed, path in outputs.references.items():
-        save_png(images[(seed, 0.0)], path, config, seed, loras, 0.0)
+        save_png(images[(seed, 0.0)], path, config, seed, loras, 0.0, reference)
     grid = [[images[(seed, s)] for s in config.scales] for seed in config.seeds]
     swept = next(x for x in loras if x["swept"])
     # ASCII only: Pillow's bundled font has no glyphs for × or —.
@@ -99,7 +120,8 @@ def write_sweep(config: SampleConfig, outputs: Plan, images: dict, loras: list[d
     metrics = measure(config.scales, config.seeds, images)
     summary = summarise(config.scales, metrics)
     log_table(config.scales, metrics)
-    manifest = _manifest(config, outputs, loras, n_base) | {"metrics": metrics, "summary": summary}
+    manifest = _manifest(config, outputs, loras, n_base) | {"reference": reference}
+    manifest |= {"metrics": metrics, "summary": summary}
     with atomic_path(outputs.manifest, force=config.force) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     log.info(summary_line(summary))

@@ -59,24 +59,10 @@ class Prompt:
 
 
 def embeddings(pipe, prompt: Prompt) -> dict:
-    """encode_prompt once; the result replaces the strings in every later call (any seed, any scale)."""
-    import torch
+    """encode_prompt once, weights `(word:1.3)` honoured; the result replaces the strings in every later call."""
+    from loratool.sdxl.prompts import encode
 
-    with torch.no_grad():
-        pe, npe, pooled, npooled = pipe.encode_prompt(
-            prompt=prompt.prompt,
-            prompt_2=prompt.prompt_2,
-            negative_prompt=prompt.negative,
-            negative_prompt_2=prompt.negative_2,
-            device=pipe._execution_device,
-            do_classifier_free_guidance=prompt.cfg,
-        )
-    return dict(
-        prompt_embeds=pe,
-        negative_prompt_embeds=npe,
-        pooled_prompt_embeds=pooled,
-        negative_pooled_prompt_embeds=npooled,
-    )
+    return encode(pipe, prompt.prompt, prompt.prompt_2, prompt.negative, prompt.negative_2, cfg=prompt.cfg)
 
 
 def step_embeds(embeds: dict, cfg: bool) -> dict:
@@ -100,6 +86,7 @@ class Schedule:
     callback: object = None  # callback_on_step_end for the base (LoRA switches)
     callback_inputs: list[str] = field(default_factory=list)
     output_type: str = "pil"  # "np" gives float images (tests compare renders before 8-bit rounding)
+    guides: list = field(default_factory=list)  # reference guides (sample/reference.py), restarted for each seed
 
 
 def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds: dict, refiner_embeds: dict | None):
@@ -107,6 +94,8 @@ def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds:
     import torch
 
     generator = torch.Generator("cpu").manual_seed(seed)
+    for guide in schedule.guides:
+        guide.start(seed)
     common = dict(num_inference_steps=schedule.steps, guidance_scale=prompt.guidance, **prompt.conditioning())
     hand_off = refiner is not None and schedule.high_noise_frac < 1.0
     extra = {}

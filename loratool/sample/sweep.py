@@ -38,8 +38,11 @@ def _switch_at(adapters, weights: list[float], step: int, text: dict | None):
     return callback
 
 
-def render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept: int, output_type="pil") -> dict:
-    """{(seed, scale): PIL image} for every swept scale, plus scale 0 (the metrics' reference)."""
+def render_sweep(
+    base, refiner, config, adapters, prompt, refiner_embeds, swept: int, output_type="pil", guides=()
+) -> dict:
+    """{(seed, scale): PIL image} for every swept scale, plus scale 0 (the metrics' reference); `guides` are
+    the entered reference guides, if any."""
     cache: dict[tuple, dict] = {}
 
     def embeds_for(weights: list[float]) -> dict:
@@ -59,6 +62,7 @@ def render_sweep(base, refiner, config, adapters, prompt, refiner_embeds, swept:
         gated = 0 < start and scale != 0.0
         plan = make_schedule(base, config)
         plan.output_type = output_type
+        plan.guides = list(guides)
         if gated and start < n_base:
             text = step_embeds(embeds_for(on), prompt.cfg) if adapters.touches_text else None
             plan.callback = _switch_at(adapters, on, start, text)

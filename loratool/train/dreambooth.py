@@ -84,11 +84,11 @@ def class_images(pipe, config: DreamboothConfig) -> list[Item]:
 def wrong_dataset(pipe, config: DreamboothConfig) -> tuple[list[Item], str]:
     """--num-images failure images (captions beside them), all trained on the instance prompt `wrong`;
     also how the failure words were emphasised in the images generated now."""
-    folder, weighted = config.wrong_folder(), generate.compel_available()
-    jobs = generate.missing_jobs(folder, config.num_images, "wrong", lambda i: generate.wrong_prompt(i, weighted))
-    generate.generate(pipe, jobs, config.resolution, config.generate_steps, "wrong images", weighted)
+    folder = config.wrong_folder()
+    jobs = generate.missing_jobs(folder, config.num_images, "wrong", generate.wrong_prompt)
+    generate.generate(pipe, jobs, config.resolution, config.generate_steps, "wrong images")
     items = [(path, config.prompt) for path in generate.images_in(folder)[: config.num_images]]
-    return items, "compel" if weighted else "repetition (compel not installed)"
+    return items, f"compel (word){generate.WEIGHT}"
 
 
 def check_processes(config: DreamboothConfig) -> None:

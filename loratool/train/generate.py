@@ -57,29 +57,17 @@ def missing_jobs(folder: Path, wanted: int, stem: str, prompt_of) -> list[Job]:
     return jobs
 
 
-def wrong_prompt(index: int, compel: bool) -> tuple[str, str]:
-    """(the prompt rendered, its plain caption): a subject with a rotating handful of failure words.
-
-    With compel the failure words are weighted `(word)1.3`; without it they are emphasised by repetition.
-    """
+def wrong_prompt(index: int) -> tuple[str, str]:
+    """(the prompt rendered, its plain caption): a subject with a rotating handful of failure words, weighted
+    `(word)1.3` (sdxl/prompts.py encodes the weights)."""
     subject = SUBJECTS[index % len(SUBJECTS)]
     start = (index * FAILURES_PER_PROMPT) % len(FAILURES)
     words = [FAILURES[(start + k) % len(FAILURES)] for k in range(FAILURES_PER_PROMPT)]
     caption = ", ".join([subject, *words])
-    if compel:
-        return ", ".join([subject, *(f"({w}){WEIGHT}" for w in words)]), caption
-    return ", ".join([subject, *words, *words]), caption
+    return ", ".join([subject, *(f"({w}){WEIGHT}" for w in words)]), caption
 
 
-def compel_available() -> bool:
-    try:
-        import compel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def generate(pipe, jobs: list[Job], resolution: int, steps: int, label: str, weighted: bool = False) -> None:
+def generate(pipe, jobs: list[Job], resolution: int, steps: int, label: str) -> None:
     """Render every job with the base pipeline (rich progress bar on stderr); the main process only."""
     import torch
     from accelerate import PartialState
@@ -93,7 +81,7 @@ def generate(pipe, jobs: list[Job], resolution: int, steps: int, label: str, wei
             task = progress.add_task(label, total=len(jobs))
             for job in jobs:
                 generator = torch.Generator("cpu").manual_seed(job.seed)
-                prompt = _weighted(pipe, job.prompt) if weighted else {"prompt": job.prompt}
+                prompt = _embeds(pipe, job.prompt)
                 image = pipe(
                     **prompt, num_inference_steps=steps, width=resolution, height=resolution, generator=generator
                 ).images[0]
@@ -111,15 +99,10 @@ def save(image, job: Job) -> None:
         image.save(tmp, format="PNG")
 
 
-def _weighted(pipe, prompt: str) -> dict:
-    """compel's SDXL embeddings for `(word)1.3` syntax (compel is optional; not a dependency)."""
-    from compel import Compel, ReturnedEmbeddingsType
+def _embeds(pipe, prompt: str) -> dict:
+    """The prompt's embeddings with its weights; an unweighted prompt encodes as the pipeline itself would, and
+    the pipeline still makes the (zero) negative embeddings."""
+    from loratool.sdxl.prompts import encode
 
-    compel = Compel(
-        tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
-        text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
-        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-        requires_pooled=[False, True],
-    )
-    embeds, pooled = compel(prompt)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    embeds = encode(pipe, prompt, cfg=False)
+    return {"prompt_embeds": embeds["prompt_embeds"], "pooled_prompt_embeds": embeds["pooled_prompt_embeds"]}
