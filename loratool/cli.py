@@ -104,7 +104,7 @@ def train(
     mode = mode if typed(ctx, "mode") else from_file.pop("mode", mode)
     from_file.pop("mode", None)
     if mode not in MODES:
-        raise InputError(f"--mode must be {', '.join(MODES)}, not {mode!r}.")
+        raise InputError(f"--mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, not {mode!r}.")
     if pair:
         given |= {"images": list(pair), "pair": True}
     elif inputs or "images" not in from_file:  # images on the command line replace a file's (or its pair)

@@ -187,7 +187,7 @@ class DreamboothConfig(TrainConfig):
 
     def check_inputs(self) -> None:
         if self.mode not in BOOTH:
-            raise InputError(f"--mode must be {', '.join(MODES)}, not {self.mode!r}.")
+            raise InputError(f"--mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, not {self.mode!r}.")
         if self.pair:
             raise InputError(f"--pair is a copy-mode option; drop it with --mode {self.mode}.")
         if self.check_every or self.stop_when_copied:
