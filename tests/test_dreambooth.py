@@ -11,8 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loratool.train import DreamboothConfig, run
-from loratool.train.batch import Example, Pool
-from loratool.train.batch import Batch
+from loratool.train.batch import Batch, Example, Pool
 from loratool.train.loss import batch_weights
 
 FAST = dict(resolution=64, rank=4, lr=1e-3, generate_steps=2)
