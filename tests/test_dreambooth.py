@@ -178,7 +178,10 @@ def _bad(tmp_path, case):
         "no images": ([no_images], "no PNG, JPEG or WebP"),
         "caption not UTF-8": ([latin1], "dog.txt is not UTF-8"),
         "no class images": ([latin1, "--class-prompt", "a dog", "--num-class-images", "0"], "--num-class-images"),
-        "pure noise outside copy mode": ([latin1, "--pure-noise", "0.25"], "--pure-noise is a copy and slider-mode option"),
+        "pure noise outside copy mode": (
+            [latin1, "--pure-noise", "0.25"],
+            "--pure-noise is a copy and slider-mode option",
+        ),
     }[case]
 
 
