@@ -47,10 +47,8 @@ def test_pair_differs_in_exactly_one_attribute(concept, seed):
 
 def test_pairs_go_both_ways_and_vary_the_scene():
     pairs = [shapes.concept_pair(c, seed)[2:] for c in shapes.CONCEPTS for seed in range(12)]
-    ups = [
-        getattr(b, shapes.FIELD[c]) > getattr(a, shapes.FIELD[c])
-        for c, (a, b) in zip([c for c in shapes.CONCEPTS for _ in range(12)], pairs, strict=True)
-    ]
+    ups = [getattr(b, shapes.FIELD[c]) > getattr(a, shapes.FIELD[c]) for c, (a, b) in zip(
+        [c for c in shapes.CONCEPTS for _ in range(12)], pairs, strict=True)]
     assert 0 < sum(ups) < len(ups)
     assert len({a.shape for a, _ in pairs}) == 3 and len({a.colour for a, _ in pairs}) >= 4
 

@@ -143,13 +143,7 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
         report["vae_psnr_db_before"] = round(psnr(base.vae, held_out), 2)
     budget = cfg.budget("vae")
     report["vae_steps"], report["vae_loss"] = train_vae(
-        base.vae,
-        images,
-        batch=cfg.vae_batch,
-        lr=cfg.vae_lr,
-        budget=budget,
-        seed=cfg.seed,
-        log_every=cfg.log_every,
+        base.vae, images, batch=cfg.vae_batch, lr=cfg.vae_lr, budget=budget, seed=cfg.seed, log_every=cfg.log_every,
         crop=cfg.vae_crop,
     )
     report["vae_seconds"] = round(budget.elapsed(), 1)

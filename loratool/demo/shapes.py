@@ -132,7 +132,9 @@ def _hue(rng: np.random.Generator) -> float:
     return float(rng.uniform(0.0, 360.0))
 
 
-def random_scene(rng: np.random.Generator, backgrounds: tuple[str, ...] = ("white",), drop_words: bool = True) -> Scene:
+def random_scene(
+    rng: np.random.Generator, backgrounds: tuple[str, ...] = ("white",), drop_words: bool = True
+) -> Scene:
     """Uniform shape, hue, radius and place; with `drop_words`, each attribute is named with KEEP_WORD's chance."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     hue, radius = _hue(rng), float(rng.uniform(*RADIUS))
