@@ -21,7 +21,7 @@ from loratool.merge import MergeConfig
 from loratool.options import from_config, settings, typed
 from loratool.sample.config import SWEEP, SampleConfig
 from loratool.sdxl.index import parse_spec
-from loratool.train.config import MODES, DreamboothConfig, TrainConfig
+from loratool.train.config import MODES, DreamboothConfig, SliderConfig, TrainConfig
 
 app = typer.Typer(
     name="loratool",
@@ -83,35 +83,36 @@ def _root(
 
 @app.command()
 @handled
-@from_config(TrainConfig, DreamboothConfig)
+@from_config(TrainConfig, DreamboothConfig, SliderConfig)
 def train(
     ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None, typer.Argument(help="Training image (copy mode) or folder of images (dreambooth).")
     ] = None,
-    mode: Annotated[str, typer.Option("--mode", help="copy | dreambooth | wrong")] = "copy",
+    mode: Annotated[str, typer.Option("--mode", help="copy | slider | dreambooth | wrong")] = "copy",
     pair: Annotated[
-        tuple[Path, Path] | None, typer.Option("--pair", help="Two images A B: trains both, identical settings.")
+        tuple[Path, Path] | None,
+        typer.Option("--pair", help="Two images A B: copy mode trains both; slider mode one slider, +1 → A, −1 → B."),
     ] = None,
     config_file: ConfigOpt = None,
     **given,
 ) -> None:
-    """Train a LoRA: copy-machine (one image, empty prompt), dreambooth, or the negative 'wrong' LoRA."""
+    """Train a LoRA: copy-machine (one image, empty prompt), a slider on a pair, dreambooth, or 'wrong'."""
     if pair and inputs:
         raise InputError("pass either one image or --pair A B, not both.")
     from_file = recorded.config_file(config_file, "train") if config_file else {}
     mode = mode if typed(ctx, "mode") else from_file.pop("mode", mode)
     from_file.pop("mode", None)
     if mode not in MODES:
-        raise InputError(f"--mode must be copy, dreambooth or wrong, not {mode!r}.")
+        raise InputError(f"--mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, not {mode!r}.")
     if pair:
         given |= {"images": list(pair), "pair": True}
     elif inputs or "images" not in from_file:  # images on the command line replace a file's (or its pair)
         given |= {"images": inputs or [], "pair": False}
     from loratool import train as verb
 
-    cls = TrainConfig if mode == "copy" else DreamboothConfig
-    values = settings(cls, given, from_file, config_file, mode=(mode, (TrainConfig, DreamboothConfig)))
+    cls = {"copy": TrainConfig, "slider": SliderConfig}.get(mode, DreamboothConfig)
+    values = settings(cls, given, from_file, config_file, mode=(mode, (TrainConfig, DreamboothConfig, SliderConfig)))
     config = cls(**values, **({} if mode == "copy" else {"mode": mode}))
     for path in verb.run(config):
         typer.echo(str(path))
@@ -207,7 +208,9 @@ def inspect(
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("demo-out"),
     concept: Annotated[str, typer.Option("--concept", help="size | colour | position")] = "size",
-    recipe: Annotated[int, typer.Option("--recipe", help="2: train both, merge A:1 B:-1. 1: train B on A.")] = 2,
+    recipe: Annotated[
+        int, typer.Option("--recipe", help="2: train both, merge A:1 B:-1. 1: train B on A. 3: one slider on the pair.")
+    ] = 2,
     steps: Annotated[int, typer.Option("--steps", help="Copy-machine steps per LoRA.")] = 300,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the sweep.")] = "0,1,2,3",
     prompt: Annotated[

@@ -20,7 +20,7 @@ from loratool.sdxl.models import MODEL_CONFIG_HELP
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp16", "bf16", "fp32")
-MODEL, SMALLER = "Model", "Smaller files (truncation)"
+MODEL, SMALLER, CALIBRATION = "Model", "Smaller files (truncation)", "Strength calibration (renders)"
 
 
 @dataclass
@@ -40,6 +40,13 @@ class MergeConfig:
     model: str | None = option(None, "Base to check against / fold into (default: SDXL 1.0 base).", panel=MODEL)
     model_config: str | None = option(None, MODEL_CONFIG_HELP, panel=MODEL)
     into_base: bool = option(False, "Fold the LoRAs into --model, write a model.", panel=MODEL)
+    calibrate: tuple[Path, Path] | None = option(
+        None, "Rescale so ±1 renders change half as much as pair A B differ.", "--calibrate", panel=CALIBRATION
+    )
+    target_change: float | None = option(
+        None, "Rescale so ±1 renders change this mean |Δpixel| (0..1), e.g. 0.1.", panel=CALIBRATION
+    )
+    calibration_prompt: str = option("", "Prompt of the calibration renders (default: empty).", panel=CALIBRATION)
     report: Path | None = option(None, "Write the per-module table as JSON.")
     force: bool = option(False, "Overwrite existing outputs.")
     extra: dict = field(default_factory=dict)
@@ -65,6 +72,23 @@ class MergeConfig:
             self.svd = len(self.inputs) > 1 or truncating
         if self.into_base and not self.model:
             raise InputError("--into-base needs --model: the base model to fold the LoRAs into.")
+        if self.calibrate is not None:
+            self.calibrate = tuple(Path(p) for p in self.calibrate)
+            if len(self.calibrate) != 2:
+                raise InputError("--calibrate takes the pair's two images: --calibrate A.png B.png.")
+            for image in self.calibrate:
+                if not image.is_file():
+                    raise InputError(f"--calibrate {image}: no such image file.")
+        if self.target_change is not None and not 0 < self.target_change < 1:
+            raise InputError(f"--target-change is a mean pixel change in (0, 1), not {self.target_change}.")
+        if self.calibrate and self.target_change is not None:
+            raise InputError("--calibrate A B sets the target from the pair; drop it or --target-change.")
+        if self.calibrating and self.into_base:
+            raise InputError("--calibrate/--target-change rescale a slider file; drop --into-base.")
+
+    @property
+    def calibrating(self) -> bool:
+        return self.calibrate is not None or self.target_change is not None
 
 
 def _gather(config: MergeConfig, index: ModelIndex):
@@ -163,6 +187,7 @@ def summarize(rows: list[dict]) -> str:
 def _recipe(config: MergeConfig, hashes: dict[str, str]) -> dict[str, str]:
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     record["inputs"] = [[str(p), w] for p, w in config.inputs]
+    record["calibrate"] = [str(p) for p in config.calibrate] if config.calibrate else None
     meta = {"loratool_recipe": json.dumps({"verb": "merge", **record}), "loratool_inputs_sha256": json.dumps(hashes)}
     if config.model:  # what `sample`/`merge`/`inspect` read back as their default --model
         meta["loratool_base_model"] = config.model
@@ -178,14 +203,14 @@ def run(config: MergeConfig) -> Path:
         return fold_into_base(config)
     index = model_index(config.model)
     network, rows, hashes = merge_networks(config, index)
-    write_lora(
-        network,
-        config.output,
-        keymap=index.keymap,
-        fmt=config.format,
-        metadata=index.base_metadata(config.model) | _recipe(config, hashes),
-        force=config.force,
-    )
+    meta = index.base_metadata(config.model) | _recipe(config, hashes)
+    if config.calibrating:
+        from loratool.calibrate import calibrate
+
+        images = list(config.calibrate or [])
+        network, note = calibrate(network, config.model, images, config.target_change, config.calibration_prompt)
+        meta |= note
+    write_lora(network, config.output, keymap=index.keymap, fmt=config.format, metadata=meta, force=config.force)
     log.info("%s", summarize(rows))
     log.info("%s format: loads in %s", config.format, works_in(config.format))
     if config.report:

@@ -32,7 +32,8 @@ class Flag:
 
     def name(self, field_name: str) -> str:
         """The flag a user types (the long one), for error messages."""
-        return ([f for f in self.flags if f.startswith("--")] or ["--" + field_name.replace("_", "-")])[-1]
+        named = [f.split("/")[0] for f in self.flags if f.startswith("--")]  # "--svd/--no-svd" → --svd
+        return (named or ["--" + field_name.replace("_", "-")])[-1]
 
 
 def option(default: Any, help: str, *flags: str, **kw) -> Any:

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loratool.train import DreamboothConfig, run
-from loratool.train.batch import Example, Pool
-from loratool.train.loss import prior_preservation_loss
+from loratool.train.batch import Batch, Example, Pool
+from loratool.train.loss import batch_weights
 
 FAST = dict(resolution=64, rank=4, lr=1e-3, generate_steps=2)
 
@@ -48,9 +48,17 @@ def _config(tiny_models, out, **kw):
 
 def test_prior_preservation_loss_is_instance_mean_plus_weighted_prior_mean():
     instance, prior = torch.tensor([1.0, 3.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])
-    assert prior_preservation_loss(instance, prior, 0.5).item() == 2.0 + 0.5 * 25.0
-    assert prior_preservation_loss(instance, None, 0.5).item() == 2.0
-    assert prior_preservation_loss(instance, prior, 0.0).item() == 2.0
+
+    def loss(batches, losses, weight):
+        return sum(w * x.mean() for w, x in zip(batch_weights(batches, weight), losses, strict=True)).item()
+
+    def batch(is_prior):
+        return Batch(torch.zeros(1), torch.zeros(1), [""], prior=is_prior)
+
+    assert loss([batch(False), batch(True)], [instance, prior], 0.5) == 2.0 + 0.5 * 25.0
+    assert loss([batch(False)], [instance], 0.5) == 2.0
+    assert loss([batch(False), batch(True)], [instance, prior], 0.0) == 2.0
+    assert batch_weights([batch(False), batch(False)]) == [0.5, 0.5]  # slider mode: the mean of its halves
 
 
 def test_batches_come_from_one_bucket_with_each_images_own_micro_conditioning(tmp_path):
@@ -170,7 +178,10 @@ def _bad(tmp_path, case):
         "no images": ([no_images], "no PNG, JPEG or WebP"),
         "caption not UTF-8": ([latin1], "dog.txt is not UTF-8"),
         "no class images": ([latin1, "--class-prompt", "a dog", "--num-class-images", "0"], "--num-class-images"),
-        "pure noise outside copy mode": ([latin1, "--pure-noise", "0.25"], "--pure-noise is a copy-mode option"),
+        "pure noise outside copy mode": (
+            [latin1, "--pure-noise", "0.25"],
+            "--pure-noise is a copy and slider-mode option",
+        ),
     }[case]
 
 

@@ -110,7 +110,8 @@ def test_a_toml_config_is_read_and_flags_override_it(cli, captured, tmp_path):
             ["train", "a.png", "--prompt", "sks"],
             "--prompt is a dreambooth-mode option; it does not apply to --mode copy",
         ),
-        ("", ["train", "d/", "--mode", "dreambooth", "--check-seeds", "3"], "--check-seeds is a copy-mode option"),
+        ("", ["train", "d/", "--mode", "dreambooth", "--check-seeds", "3"], "--check-seeds is a copy and slider-mode"),
+        ("", ["train", "d/", "--mode", "dreambooth", "--no-stop-when-copied"], "--stop-when-copied is a copy and"),
         ("", ["train", "--mode", "wrong", "--class-dir", "c"], None),  # dreambooth and wrong share it
         ("", ["train", "--mode", "wrong", "--prompt", "x"], "--prompt is a dreambooth-mode option"),
         ("mode = 'wrong'\n", ["train", "--num-class-images", "3", "--pure-noise", "0.1"], "--pure-noise is a copy"),

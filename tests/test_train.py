@@ -147,7 +147,6 @@ def _unet(tiny_models):
 
 
 def test_base_lora_changes_the_starting_unet_exactly_as_folding_would(trained, tiny_models, image):
-    from loratool.data.images import prepare
     from loratool.lora.apply import model_path
     from loratool.lora.io import keymap_for, read_lora
     from loratool.train.copy_machine import load_trainee
@@ -156,7 +155,7 @@ def test_base_lora_changes_the_starting_unet_exactly_as_folding_would(trained, t
     fresh = _unet(tiny_models)
     network = read_lora(out, keymap_for(fresh))
     config = _config(tiny_models, image, out, steps=1, check_every=0, base_loras=[f"{out}:-0.5"])
-    trainee = load_trainee(config, prepare(image, 64))
+    trainee = load_trainee(config, image)
     assert trainee.base_loras[0]["weight"] == -0.5
     for m in network:
         path = model_path(fresh, "unet", m.path)
@@ -165,20 +164,70 @@ def test_base_lora_changes_the_starting_unet_exactly_as_folding_would(trained, t
         assert torch.allclose(got, expected, atol=1e-6), path
 
 
-def test_pair_trains_both_images_and_stop_when_copied_stops_early(tiny_models, image, tmp_path, cli):
+def test_pair_trains_both_images_and_a_reachable_copy_target_stops_early(tiny_models, image, tmp_path, cli):
     other = tmp_path / "b.png"
     array = np.asarray(Image.open(image)).copy()
     array[60:70, 10:20] = 0
     Image.fromarray(array).save(other)
     args = ["train", "--pair", image, other, "--model", tiny_models / "base", "-o", tmp_path / "slider"]
     args += ["--steps", "6", "--resolution", "64", "--rank", "4", "--check-every", "2", "--check-seeds", "1"]
-    args += ["--check-steps", "2", "--stop-when-copied", "-100"]
+    args += ["--check-steps", "2", "--copy-target", "1"]  # the tiny model's renders sit near 8 dB
     code, stdout, stderr = cli(*args)
     assert code == 0, stderr
     for tag in ("a", "b"):
         assert str(tmp_path / f"slider_{tag}.safetensors") in stdout
         report = json.loads((tmp_path / f"slider_{tag}.report.json").read_text())
         assert report["steps_done"] == 2 and report["stopped_early"]
+
+
+def test_train_until_copied_stops_at_the_first_check_that_reaches_the_target(tiny_models, image, tmp_path):
+    """A high-lr run with a low target stops before its budget, and its LoRA and report say where and why."""
+    out = tmp_path / "early.safetensors"
+    paths = run(_config(tiny_models, image, out, lr=1e-2, steps=40, check_every=10, copy_target=5.0))
+    assert out in paths
+    report = json.loads(out.with_name("early.report.json").read_text())
+    copy = report["copy"]
+    assert report["steps_done"] == 10 < 40 and report["stopped_early"]
+    assert copy["copied"] and copy["stopped_at"] == 10 and copy["stopped_because"] == "copied"
+    assert [c["step"] for c in copy["curve"]] == [0, 10] and copy["target_db"] == 5.0
+    assert all(c["mean_psnr"] >= c["min_psnr"] > 1 for c in copy["curve"])
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["loratool_steps"] == "10"
+
+
+def test_an_unreachable_copy_target_uses_the_whole_budget(tiny_models, image, tmp_path, caplog):
+    out = tmp_path / "budget.safetensors"
+    with caplog.at_level(logging.WARNING):
+        run(_config(tiny_models, image, out, steps=6, check_every=3, copy_target=60.0, check_seeds=1))
+    assert "above the VAE's own" in caplog.text  # said at the start, not after the budget ran out
+    report = json.loads(out.with_name("budget.report.json").read_text())
+    assert report["steps_done"] == 6 and not report["stopped_early"]
+    assert report["copy"]["stopped_because"] == "budget" and not report["copy"]["copied"]
+    assert [c["step"] for c in report["copy"]["curve"]] == [0, 3, 6]
+
+
+def test_stop_when_copied_is_on_by_default_and_reads_older_configs():
+    from loratool.train.config import COPY_TARGET_DB, DreamboothConfig
+
+    config = TrainConfig(images=["a.png"], steps=100)
+    assert config.stop_when_copied and config.copy_target == COPY_TARGET_DB == 22.0 and config.check_every == 10
+    assert config.check_seeds == 4 and config.resolution is None
+    older = TrainConfig(images=["a.png"], stop_when_copied=30.0)  # the number older configs recorded
+    assert older.stop_when_copied is True and older.copy_target == 30.0
+    assert TrainConfig(images=["a.png"], stop_when_copied=None).stop_when_copied is False
+    assert not TrainConfig(images=["a.png"], check_every=0).stop_when_copied  # nothing to stop on
+    assert not DreamboothConfig(images=["d"], prompt="sks").stop_when_copied
+
+
+def test_resolution_defaults_to_the_models_native_size(tiny_models, image, tmp_path):
+    """The tiny UNet's sample_size is 8 latents: 64 px, as `sample` renders it, not 1024."""
+    out = tmp_path / "native.safetensors"
+    config = TrainConfig(images=[image], model=str(tiny_models / "base"), output=out, rank=4, steps=1, check_every=0)
+    run(config)
+    report = json.loads(out.with_name("native.report.json").read_text())
+    assert report["settings"]["resolution"] == 64 and report["image"]["target_size"] == [64, 64]
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["modelspec.resolution"] == "64x64"
 
 
 def test_gradient_checkpointing_gives_the_same_steps(tiny_models, image, tmp_path):
@@ -236,4 +285,4 @@ def test_bad_input_is_one_line_and_exit_1_with_nothing_written(case, tiny_models
 
 def test_an_unknown_mode_is_one_line_and_exit_1(cli, image):
     code, _, stderr = cli("train", image, "--mode", "textual-inversion")
-    assert code == 1 and "--mode must be copy, dreambooth or wrong" in stderr
+    assert code == 1 and "--mode must be copy, slider, dreambooth or wrong, not" in stderr

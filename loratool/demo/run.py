@@ -39,8 +39,11 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.concept not in CONCEPTS:
             raise InputError(f"--concept must be one of {', '.join(CONCEPTS)}, not {self.concept!r}.")
-        if self.recipe not in (1, 2):
-            raise InputError(f"--recipe must be 1 (merge-then-train) or 2 (train both, subtract), not {self.recipe}.")
+        if self.recipe not in (1, 2, 3):
+            raise InputError(
+                f"--recipe must be 1 (merge-then-train), 2 (train both, subtract) or 3 (one slider on the pair), "
+                f"not {self.recipe}."
+            )
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, not {self.steps}.")
 
@@ -96,6 +99,26 @@ def make_slider(config: DemoConfig, plus: Path, minus: Path) -> Path:
     from loratool import merge
 
     out = config.output
+    if config.recipe == 3:  # one LoRA trained on the pair: +1 → plus, −1 → minus (train --mode slider)
+        from loratool import train
+
+        settings = train.SliderConfig(
+            images=[plus, minus],
+            output=out / "slider.safetensors",
+            model="demo",
+            rank=config.rank,
+            alpha=float(config.rank),
+            steps=config.steps,
+            lr=config.lr,
+            pure_noise=config.pure_noise,
+            resolution=128,
+            check_every=max(1, config.steps // 3),
+            check_seeds=2,
+            check_steps=12,
+            force=config.force,
+        )
+        train.run(settings)
+        return settings.output
     if config.recipe == 1:
         base = _train(config, minus, out / "copy_minus.safetensors")
         return _train(config, plus, out / "slider.safetensors", base_loras=[f"{base}:1"])

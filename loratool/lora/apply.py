@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from loratool.lora.network import LoraModule, LoraNetwork
 
@@ -56,6 +58,28 @@ def add_adapter(model, network: LoraNetwork, component: str, adapter: str) -> No
             layer = model.get_submodule(model_path(model, component, m.path))
             layer.lora_A[adapter].weight.copy_(m.down)
             layer.lora_B[adapter].weight.copy_(m.up)
+
+
+def set_scale(model, adapter: str, scale: float) -> None:
+    """Every peft LoRA layer of `adapter` in `model` at `scale` × its alpha / rank (peft's own `set_scale`)."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.set_scale(adapter, scale)
+
+
+@contextmanager
+def scaled(model, adapter: str, scale: float) -> Iterator[None]:
+    """`adapter` at `scale` inside the block, back at 1 after (slider mode: +1 for image A, −1 for image B)."""
+    if scale == 1.0:  # every other mode: nothing to switch
+        yield
+        return
+    set_scale(model, adapter, scale)
+    try:
+        yield
+    finally:
+        set_scale(model, adapter, 1.0)
 
 
 def network_from_peft(model, component: str, adapter: str) -> LoraNetwork:

@@ -1,4 +1,4 @@
-"""`loratool train`: copy-machine, dreambooth and the negative "wrong" LoRA, through one loop.
+"""`loratool train`: copy-machine, slider, dreambooth and the negative "wrong" LoRA, through one loop.
 
 Each mode is a data source: it turns a config into Trainees (the base with a LoRA injected, and its batches).
 `run` picks the mode, checks what can be checked before any model loads, and hands each Trainee to the loop,
@@ -11,15 +11,17 @@ importing this package must not cost `loratool --help` the seconds torch takes.
 from pathlib import Path
 
 from loratool import libraries
-from loratool.train.config import DreamboothConfig, TrainConfig
+from loratool.train.config import DreamboothConfig, SliderConfig, TrainConfig
 
 
 def run(config: TrainConfig) -> list[Path]:
-    """Train one LoRA per image (two for --pair) or per dataset; returns every file written."""
-    from loratool.train import copy_machine, dreambooth
+    """Train one LoRA per image (two for --pair in copy mode), per pair (slider) or per dataset; returns every
+    file written."""
+    from loratool.train import copy_machine, dreambooth, slider
     from loratool.train.loop import check_outputs, preflight, train
 
-    mode = dreambooth if isinstance(config, DreamboothConfig) else copy_machine
+    modes = {"copy": copy_machine, "slider": slider, "dreambooth": dreambooth, "wrong": dreambooth}
+    mode = modes[getattr(config, "mode", "copy")]
     if config.quantize_base or config.optimizer == "adamw8bit":
         libraries.with_bitsandbytes()  # the CLI keeps it (and its CPU-kernel warning) out of other runs
     preflight(config)
@@ -39,4 +41,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["DreamboothConfig", "TrainConfig", "TrainingInterrupted", "run"]
+__all__ = ["DreamboothConfig", "SliderConfig", "TrainConfig", "TrainingInterrupted", "run"]

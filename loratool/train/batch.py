@@ -1,7 +1,8 @@
 """What one training step sees: batches of cached latents with their conditioning, drawn from a data source.
 
 A source yields, per step, the batches whose losses make that step's loss: copy mode one fixed batch,
-dreambooth an instance batch plus (with prior preservation) a class batch. Every batch comes from ONE
+slider mode image A at LoRA scale +1 and image B at −1 (with the same noise: `same_noise`), dreambooth an
+instance batch plus (with prior preservation) a class batch. Every batch comes from ONE
 aspect bucket, so its latents stack. Batches are drawn with the loop's generator (a resumed run draws
 the same ones) and are global: under data parallelism each process takes its rows (`shard`).
 """
@@ -9,7 +10,7 @@ the same ones) and are global: under data parallelism each process takes its row
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,6 +23,7 @@ class Batch:
     prompt_embeds: torch.Tensor | None = None  # (B, 77, te1 + te2 width); None: encode `captions` each step
     pooled: torch.Tensor | None = None
     prior: bool = False  # a class-image batch (prior preservation)
+    lora_scale: float = 1.0  # the LoRA's scale while this batch trains (slider mode: +1 or −1)
 
     def shard(self, index: int, count: int) -> Batch:
         """Rows index, index + count, …: this process's share of a global batch."""
@@ -30,11 +32,14 @@ class Batch:
         rows = slice(index, None, count)
         embeds = None if self.prompt_embeds is None else self.prompt_embeds[rows]
         pooled = None if self.pooled is None else self.pooled[rows]
-        return Batch(self.latents[rows], self.time_ids[rows], self.captions[rows], embeds, pooled, self.prior)
+        latents, time_ids, captions = self.latents[rows], self.time_ids[rows], self.captions[rows]
+        return Batch(latents, time_ids, captions, embeds, pooled, self.prior, self.lora_scale)
 
 
 class OneBatch:
     """Copy mode: the same single-image batch at every step."""
+
+    same_noise = False
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
@@ -44,6 +49,22 @@ class OneBatch:
 
     def eval_batches(self) -> list[Batch]:
         return [self.batch]
+
+
+class PairBatches:
+    """Slider mode: image A at LoRA scale +1 and image B at −1 at every step, both from the same noise and
+    timestep, so the step's gradient is the difference between the two and nothing else."""
+
+    same_noise = True
+
+    def __init__(self, plus: Batch, minus: Batch) -> None:
+        self.batches = [replace(plus, lora_scale=1.0), replace(minus, lora_scale=-1.0)]
+
+    def draw(self, generator: torch.Generator) -> list[Batch]:
+        return self.batches
+
+    def eval_batches(self) -> list[Batch]:
+        return self.batches
 
 
 @dataclass
@@ -93,6 +114,8 @@ class Pool:
 
 class BucketSource:
     """Dreambooth: per step, a batch of instance images and (with prior preservation) one of class images."""
+
+    same_noise = False
 
     def __init__(self, instance: Pool, prior: Pool | None, batch_size: int) -> None:
         self.instance, self.prior, self.batch_size = instance, prior, batch_size

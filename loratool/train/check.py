@@ -36,6 +36,12 @@ class CopyChecker:
         image = self.vae.decode(latents.float() / sf).sample
         return ((image + 1) / 2).clamp(0, 1).cpu()
 
+    @classmethod
+    def of(cls, vae, scheduler_config: dict, cond: EncodedImage, pixels: torch.Tensor, seeds: int, steps: int):
+        """A checker of `pixels` ((3, h, w) in [−1, 1], the training image) from seeds 0 … seeds − 1."""
+        reference = ((pixels[None] + 1) / 2).clamp(0, 1)
+        return cls(vae, dict(scheduler_config), cond, reference, list(range(seeds)), steps)
+
     @torch.no_grad()
     def denoise(self, unet, seed: int) -> torch.Tensor:
         """Euler sampling of the empty prompt, no guidance (the prompt is empty), at the training size."""
@@ -67,7 +73,7 @@ class CopyChecker:
         reference = self.reference.expand_as(renders)
         p, s = psnr(renders, reference).tolist(), ssim(renders, reference).tolist()
         self.rows.append((step, [_thumbnail(r) for r in renders]))
-        result = dict(step=step, psnr=p, ssim=s, mean_psnr=sum(p) / len(p), mean_ssim=sum(s) / len(s))
+        result = dict(step=step, psnr=p, ssim=s, mean_psnr=sum(p) / len(p), min_psnr=min(p), mean_ssim=sum(s) / len(s))
         result["seconds"] = round(time.perf_counter() - start, 3)
         log.debug("check at step %d: PSNR %.2f dB, SSIM %.3f", step, result["mean_psnr"], result["mean_ssim"])
         return result

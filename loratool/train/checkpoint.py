@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 MUST_MATCH = (
     *("rank", "alpha", "lr", "seed", "resolution", "optimizer", "gradient_accumulation", "noise_offset"),
     *("pure_noise", "base_loras", "mode", "prompt", "class_prompt", "num_class_images", "prior_loss_weight"),
-    *("batch_size", "train_text_encoder", "data_sha256"),
+    *("batch_size", "train_text_encoder", "conv_rank", "conv_alpha", "data_sha256"),
 )
 
 

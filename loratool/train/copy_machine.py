@@ -10,34 +10,32 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from loratool.data.images import TrainImage, compare_pair, prepare
+from loratool.data.images import TrainImage, compare_pair, load_image, prepare
 from loratool.files import sha256
 from loratool.sdxl.index import ModelIndex
-from loratool.sdxl.models import load_pipeline
 from loratool.train.batch import Batch, OneBatch
 from loratool.train.check import CopyChecker
 from loratool.train.conditioning import encode_once, release_encoders
 from loratool.train.config import TrainConfig
-from loratool.train.model import Trainee, fold_base_loras, inject_lora, load_quantized_unet, weights_runtime
+from loratool.train.model import Trainee, fold_base_loras, inject_lora, load_base
 
 
 def trainees(config: TrainConfig) -> Iterator[tuple[Trainee, Path, dict]]:
     """(trainee, LoRA path, timings) per image; a bad image fails before any model loads."""
     if config.pair:
         compare_pair(*config.images)
-    images = [prepare(p, config.resolution) for p in config.images]
-    for image, path in zip(images, config.lora_paths(), strict=True):
+    for image in config.images:
+        load_image(image)
+    for image, path in zip(config.images, config.lora_paths(), strict=True):
         started = time.perf_counter()
         trainee = load_trainee(config, image)
         yield trainee, path, {"load_and_encode_s": time.perf_counter() - started}
 
 
-def load_trainee(config: TrainConfig, image: TrainImage) -> Trainee:
-    """Load the base (quantized on request), then prepare it for training."""
-    runtime = weights_runtime(config)
-    parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
-    pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)
-    return trainee_from_pipeline(pipe, config, image)
+def load_trainee(config: TrainConfig, image: Path) -> Trainee:
+    """Load the base (quantized on request; its size is the default --resolution), then prepare it for training."""
+    pipe = load_base(config)
+    return trainee_from_pipeline(pipe, config, prepare(image, config.resolution))
 
 
 def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Trainee:
@@ -51,9 +49,9 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
     inject_lora(pipe.unet, config)
     checker = None
     if vae is not None:
-        reference = ((image.pixels[None] + 1) / 2).clamp(0, 1)
-        seeds = list(range(config.check_seeds))
-        checker = CopyChecker(vae, dict(pipe.scheduler.config), encoded, reference, seeds, config.check_steps)
+        checker = CopyChecker.of(
+            vae, pipe.scheduler.config, encoded, image.pixels, config.check_seeds, config.check_steps
+        )
     batch = Batch(encoded.latent, encoded.time_ids, [""], encoded.prompt_embeds, encoded.pooled)
     trainee = Trainee(
         unet=pipe.unet,

@@ -26,7 +26,7 @@ from loratool.train import generate
 from loratool.train.batch import BucketSource, Example, Pool
 from loratool.train.conditioning import encode_latent, release_encoders
 from loratool.train.config import DreamboothConfig
-from loratool.train.model import ADAPTER, Trainee, fold_base_loras, inject_lora, weights_runtime
+from loratool.train.model import ADAPTER, Trainee, fold_base_loras, inject_lora, settle_resolution, weights_runtime
 from loratool.train.text import TextEncoders, inject_text_lora, text_encoders
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def trainees(config: DreamboothConfig) -> Iterator[tuple[Trainee, Path, dict]]:
     items = instances(config.images[0], config.prompt) if config.mode == "dreambooth" else []
     started = time.perf_counter()
     pipe = load_pipeline(config.model, weights_runtime(config), config=config.model_config)
+    settle_resolution(config, pipe)
     notes = {}
     if config.mode == "wrong":
         items, notes["loratool_prompt_weighting"] = wrong_dataset(pipe, config)

@@ -17,10 +17,11 @@ import torch
 
 from loratool.errors import InputError, LoratoolError
 from loratool.files import check_writable
+from loratool.lora.apply import scaled
 from loratool.train import checkpoint
 from loratool.train.checkpoint import TrainState
-from loratool.train.config import TrainConfig, sidecars
-from loratool.train.loss import prior_preservation_loss, sample_losses
+from loratool.train.config import MIN_MARGIN_DB, TrainConfig, sidecars
+from loratool.train.loss import batch_weights, sample_losses
 from loratool.train.model import ADAPTER, Trainee
 from loratool.train.progress import TrainProgress
 from loratool.train.record import write_outputs
@@ -88,6 +89,12 @@ def fit(config: TrainConfig, trainee: Trainee, state: TrainState, ckpt_dir: Path
     if state.eval_loss_start is None:
         state.eval_loss_start = eval_loss(unet, trainee, encode)
     checker = trainee.checker
+    if config.stop_when_copied and (trainee.vae_psnr or 100.0) < config.copy_target:
+        log.warning(
+            "warning: --copy-target %.1f dB is above the VAE's own %.1f dB on this image: the whole budget will run.",
+            config.copy_target,
+            trainee.vae_psnr,
+        )
     if checker and not state.checks:
         state.checks.append(checker.check(unet, 0))  # step 0: what the base model renders
     loop_start, first_step = time.perf_counter(), state.step
@@ -127,24 +134,32 @@ def make_accelerator(config: TrainConfig, trainee: Trainee):
 def train_step(
     accelerator, unet, optimizer, params, trainee: Trainee, generator, config: TrainConfig, encode=None
 ) -> float:
-    """One optimizer step over `gradient_accumulation` draws of batches and noise; returns the mean loss."""
+    """One optimizer step over `gradient_accumulation` draws of batches and noise; returns the mean loss.
+
+    Each batch backpropagates inside its own LoRA scale (slider mode: +1, then −1), so gradient checkpointing's
+    recomputation sees the scale the forward pass saw.
+    """
     shard = (accelerator.process_index, accelerator.num_processes)
     sched, prior_weight = trainee.noise_scheduler, getattr(config, "prior_loss_weight", 1.0)
     noising = dict(noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma, pure_noise=config.pure_noise)
     total = 0.0
     for _ in range(config.gradient_accumulation):
         with accelerator.accumulate(unet):
-            terms = {False: None, True: None}
-            for batch in trainee.source.draw(generator):
-                losses = sample_losses(unet, sched, batch, generator, shard, encode, **noising)
-                terms[batch.prior] = losses
-            loss = prior_preservation_loss(terms[False], terms[True], prior_weight)
-            accelerator.backward(loss)
+            batches = trainee.source.draw(generator)
+            draws = generator.get_state()
+            loss = 0.0
+            for batch, weight in zip(batches, batch_weights(batches, prior_weight), strict=True):
+                if trainee.source.same_noise:
+                    generator.set_state(draws)  # slider mode: both halves see the same noise and timestep
+                with scaled(unet, ADAPTER, batch.lora_scale):
+                    term = weight * sample_losses(unet, sched, batch, generator, shard, encode, **noising).mean()
+                    accelerator.backward(term)
+                loss += term.detach()
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        total += loss.item()  # a sync point, once per micro-step; the progress bar needs it anyway
+        total += float(loss)  # a sync point, once per micro-step; the progress bar needs it anyway
     return total / config.gradient_accumulation
 
 
@@ -155,11 +170,12 @@ def eval_loss(unet, trainee: Trainee, encode=None) -> float:
     n = trainee.noise_scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, n - 1, EVAL_POINTS).long().tolist()
     sched = trainee.noise_scheduler
-    losses = [
-        sample_losses(unet, sched, batch, generator, encode=encode, timestep=t).mean()
-        for batch in trainee.source.eval_batches()
-        for t in timesteps
-    ]
+    losses = []
+    for batch in trainee.source.eval_batches():
+        with scaled(unet, ADAPTER, batch.lora_scale):
+            losses += [
+                sample_losses(unet, sched, batch, generator, encode=encode, timestep=t).mean() for t in timesteps
+            ]
     return float(torch.stack(losses).mean().item())
 
 
@@ -172,9 +188,11 @@ def make_optimizer(config: TrainConfig, params: list):
 
 
 def copied(config: TrainConfig, state: TrainState) -> bool:
-    if config.stop_when_copied is None or not state.checks or state.checks[-1]["step"] != state.step:
+    """The check of this very step reached --copy-target: mean PSNR, and every seed within MIN_MARGIN_DB."""
+    if not config.stop_when_copied or not state.checks or state.checks[-1]["step"] != state.step:
         return False
-    return state.checks[-1]["mean_psnr"] >= config.stop_when_copied
+    check = state.checks[-1]
+    return check["mean_psnr"] >= config.copy_target and min(check["psnr"]) >= config.copy_target - MIN_MARGIN_DB
 
 
 __all__ = ["ADAPTER", "TrainingInterrupted", "check_outputs", "preflight", "train"]

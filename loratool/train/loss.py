@@ -85,13 +85,10 @@ def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return clipped / (snr + 1) if sched.config.prediction_type == "v_prediction" else clipped / snr
 
 
-def prior_preservation_loss(
-    instance: torch.Tensor, prior: torch.Tensor | None, prior_loss_weight: float = 1.0
-) -> torch.Tensor:
-    """Dreambooth's loss: mean instance MSE + prior_loss_weight · mean prior (class-image) MSE.
-
-    Each term is the mean over its own samples, so the weight means the same at any batch size.
-    """
-    if prior is None:
-        return instance.mean()
-    return instance.mean() + prior_loss_weight * prior.mean()
+def batch_weights(batches: list[Batch], prior_loss_weight: float = 1.0) -> list[float]:
+    """Each batch's weight in a step's loss Σ weight · mean MSE: the instance batches share 1, the prior
+    (class-image) batches share prior_loss_weight. That is dreambooth's mean instance MSE + prior_loss_weight ·
+    mean prior MSE (the weight means the same at any batch size), and slider mode's mean of its two halves; as
+    weights, so each batch can backpropagate on its own (slider mode's halves run the LoRA at opposite signs)."""
+    counts = {prior: sum(b.prior == prior for b in batches) for prior in (False, True)}
+    return [(prior_loss_weight if b.prior else 1.0) / counts[b.prior] for b in batches]

@@ -17,7 +17,7 @@ from loratool.errors import ModelSourceError
 from loratool.lora.apply import fold_network
 from loratool.lora.network import COMPONENT_MODELS
 from loratool.sdxl.index import ModelIndex, read
-from loratool.train.batch import BucketSource, OneBatch
+from loratool.train.batch import BucketSource, OneBatch, PairBatches
 from loratool.train.check import CopyChecker
 from loratool.train.config import TrainConfig
 from loratool.train.text import TextEncoders
@@ -31,11 +31,11 @@ ADAPTER = "copy"  # not "A"/"B": peft matches adapter names inside keys, and tho
 class Trainee:
     unet: object
     noise_scheduler: object  # DDPM: add_noise / get_velocity with the model's training schedule
-    source: OneBatch | BucketSource  # the batches of each step
+    source: OneBatch | PairBatches | BucketSource  # the batches of each step
     keymap: object  # built before peft wraps the modules
     device: torch.device
     data_sha256: str  # what was trained on: the image (copy) or the whole dataset (dreambooth)
-    checker: CopyChecker | None = None
+    checker: CopyChecker | None = None  # or slider mode's pair of them (train.slider)
     image: TrainImage | None = None  # copy mode
     text: TextEncoders | None = None  # set when the text encoders train (their LoRAs are re-run every step)
     dataset: dict = field(default_factory=dict)  # dreambooth: prompts and counts, for metadata and report
@@ -60,6 +60,25 @@ def weights_runtime(config: TrainConfig):
     return runtime
 
 
+def load_base(config: TrainConfig):
+    """The base pipeline (its UNet quantized on request); settles --resolution at the model's native size."""
+    from loratool.sdxl.models import load_pipeline
+
+    runtime = weights_runtime(config)
+    parts = {"unet": load_quantized_unet(config, runtime)} if config.quantize_base else {}
+    pipe = load_pipeline(config.model, runtime, config=config.model_config, **parts)
+    settle_resolution(config, pipe)
+    return pipe
+
+
+def settle_resolution(config: TrainConfig, pipe) -> None:
+    """--resolution, when not given: the UNet's sample_size × the VAE's 8, the size `sample` renders at."""
+    if config.resolution is None:
+        native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        config.resolution = max(64, native // 64 * 64)
+        log.info("resolution: %d (the model's native size)", config.resolution)
+
+
 def fold_base_loras(pipe, config: TrainConfig, index: ModelIndex) -> list[dict]:
     """Recipe 1 (merge-then-train): add each --base-lora into the weights before anything is encoded."""
     loras = [read(spec, index) for spec in config.base_lora_weights()]  # all checked before the first fold
@@ -74,12 +93,22 @@ def fold_base_loras(pipe, config: TrainConfig, index: ModelIndex) -> list[dict]:
 def inject_lora(unet, config: TrainConfig) -> None:
     from peft import LoraConfig
 
-    from loratool.lora.targets import unet_targets
+    from loratool.lora.targets import is_conv3x3, unet_targets
 
     unet.requires_grad_(False)
-    targets = unet_targets(unet)
+    targets = unet_targets(unet, conv=config.conv_rank > 0)
+    # LoCon: the 3×3 convs get --conv-rank/--conv-alpha (peft matches each full path as a pattern)
+    convs = [name for name in targets if is_conv3x3(unet.get_submodule(name))]
+    conv_alpha = config.conv_alpha or float(config.conv_rank)
     torch.manual_seed(config.seed)  # peft's gaussian init draws from the global generator
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, init_lora_weights="gaussian")
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=targets,
+        rank_pattern=dict.fromkeys(convs, config.conv_rank),
+        alpha_pattern=dict.fromkeys(convs, conv_alpha),
+        init_lora_weights="gaussian",
+    )
     unet.add_adapter(lora, adapter_name=ADAPTER)
     for p in unet.parameters():
         if p.requires_grad:
@@ -87,7 +116,13 @@ def inject_lora(unet, config: TrainConfig) -> None:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    log.debug("LoRA rank %d on %d UNet modules", config.rank, len(targets))
+    log.debug(
+        "LoRA rank %d on %d UNet modules (%d 3×3 convs at rank %d)",
+        config.rank,
+        len(targets),
+        len(convs),
+        config.conv_rank,
+    )
 
 
 def load_quantized_unet(config: TrainConfig, runtime):

@@ -10,7 +10,7 @@ from pathlib import Path
 from loratool import __version__
 from loratool.files import atomic_path
 from loratool.train.checkpoint import TrainState
-from loratool.train.config import TrainConfig, sidecars
+from loratool.train.config import MIN_MARGIN_DB, TrainConfig, sidecars
 from loratool.train.model import ADAPTER, Trainee
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def report(config: TrainConfig, trainee: Trainee, state: TrainState, timings: di
         "stopped_early": not interrupted and state.step < config.steps,
         "loss": state.losses,
         "eval_loss": {"start": state.eval_loss_start, "end": timings.get("eval_loss_end")},
+        "copy": copy_curve(config, state, interrupted),
         "copy_checks": state.checks,
         "vae_psnr": trainee.vae_psnr,
         "timings": {
@@ -117,6 +118,26 @@ def report(config: TrainConfig, trainee: Trainee, state: TrainState, timings: di
             "check_s": round(sum(c["seconds"] for c in state.checks), 3),
         },
         "peak_memory": peak_memory(),
+    }
+
+
+def copy_curve(config: TrainConfig, state: TrainState, interrupted: bool) -> dict | None:
+    """The copy check's curve (step, mean and min PSNR of each check) and where training stopped, and why."""
+    if not state.checks:
+        return None
+    last = state.checks[-1]
+    reached = last["mean_psnr"] >= config.copy_target and min(last["psnr"]) >= config.copy_target - MIN_MARGIN_DB
+    copied_early = config.stop_when_copied and reached and last["step"] == state.step < config.steps
+    return {
+        "target_db": config.copy_target,
+        "stop_when_copied": config.stop_when_copied,
+        "copied": bool(reached),
+        "stopped_at": state.step,
+        "stopped_because": "interrupted" if interrupted else "copied" if copied_early else "budget",
+        "curve": [
+            {"step": c["step"], "mean_psnr": round(c["mean_psnr"], 3), "min_psnr": round(min(c["psnr"]), 3)}
+            for c in state.checks
+        ],
     }
 
 

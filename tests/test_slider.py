@@ -1,0 +1,213 @@
+"""Recipe 3 (train --mode slider), LoCon training (--conv-rank) and strength calibration (merge --calibrate)."""
+
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from loratool.files import sha256
+from loratool.sdxl.index import model_index, read
+from loratool.train import SliderConfig, TrainConfig, run
+from loratool.train import loop as train_loop
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handler():
+    yield
+    logging.getLogger().handlers.clear()
+
+
+def _flat(path, value, size=64):
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return _flat(root / "light.png", 235), _flat(root / "dark.png", 20)
+
+
+def test_slider_mode_writes_one_slider_the_reader_accepts(tiny_models, pair, tmp_path, cli):
+    out = tmp_path / "slider.safetensors"
+    args = ["train", "--mode", "slider", "--pair", *pair, "--model", tiny_models / "base", "-o", out]
+    code, stdout, stderr = cli(*args, "--steps", "4", "--rank", "4", "--check-every", "2", "--check-seeds", "1")
+    assert code == 0, stderr
+    assert stdout.split()[0] == str(out) and not list(tmp_path.glob("slider_*"))  # one file, not a pair of copies
+    lora = read(out, model_index(str(tiny_models / "base")))
+    assert len(lora.network) > 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["loratool_slider"] == "true" and meta["loratool_mode"] == "slider"
+    recorded = json.loads(meta["loratool_pair"])
+    assert [(p["file"], p["sha256"], p["scale"]) for p in recorded] == [
+        (pair[0].name, sha256(pair[0]), 1.0),
+        (pair[1].name, sha256(pair[1]), -1.0),
+    ]
+    report = json.loads(out.with_name("slider.report.json").read_text())
+    check = report["copy_checks"][-1]
+    assert len(check["psnr"]) == 2 and {"plus", "minus"} <= check.keys()  # +1 vs A and −1 vs B
+    assert report["settings"]["resolution"] == 64 and report["copy"]["stopped_because"] == "budget"
+
+
+def test_both_halves_of_a_step_see_the_same_noise_at_opposite_scales(tiny_models, pair, tmp_path, monkeypatch):
+    seen = []
+    real = train_loop.sample_losses
+
+    def spy(unet, sched, batch, generator, *args, **kwargs):
+        layer = next(m for m in unet.modules() if hasattr(m, "scaling") and train_loop.ADAPTER in m.scaling)
+        sign = layer.scaling[train_loop.ADAPTER] / (layer.lora_alpha[train_loop.ADAPTER] / layer.r[train_loop.ADAPTER])
+        if kwargs.get("timestep") is None:  # a training draw, not the fixed eval loss
+            seen.append((generator.get_state().clone(), sign, batch.latents.clone()))
+        return real(unet, sched, batch, generator, *args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "sample_losses", spy)
+    run(SliderConfig(images=list(pair), model=str(tiny_models / "base"), output=tmp_path / "s", steps=2, check_every=0))
+    steps = [seen[0:2], seen[2:4]]
+    assert len(seen) == 4
+    for (state_a, sign_a, latent_a), (state_b, sign_b, latent_b) in steps:
+        assert torch.equal(state_a, state_b) and (sign_a, sign_b) == (1.0, -1.0)
+        assert not torch.equal(latent_a, latent_b)
+    assert not torch.equal(steps[0][0][0], steps[1][0][0])  # a new draw each step
+
+
+def test_the_slider_goes_to_a_at_plus_one_and_to_b_at_minus_one(tmp_path):
+    """On the embedded demo model (a tiny VAE built at random cannot tell two images apart): a light/dark pair,
+    a high lr and 60 steps. Direction with a margin, not values."""
+    from loratool.data.images import prepare
+    from loratool.lora.apply import add_adapter, set_scale
+    from loratool.metrics import psnr
+    from loratool.sdxl.index import ModelIndex
+    from loratool.sdxl.models import load_pipeline, pick_runtime
+    from loratool.train.check import CopyChecker
+    from loratool.train.conditioning import encode_once
+
+    a, b = _flat(tmp_path / "a.png", 235, 128), _flat(tmp_path / "b.png", 20, 128)
+    out = tmp_path / "slider.safetensors"
+    run(SliderConfig(images=[a, b], model="demo", output=out, steps=60, lr=5e-3, rank=4, alpha=4, check_every=0))
+    pipe = load_pipeline("demo", pick_runtime(None, "fp32"))
+    lora = read(out, ModelIndex.of_pipeline(pipe))
+    images = [prepare(p, 128) for p in (a, b)]
+    encoded = [encode_once(pipe, i) for i in images]
+    add_adapter(pipe.unet, lora.network, "unet", "s")
+    checker = CopyChecker.of(pipe.vae, pipe.scheduler.config, encoded[0], images[0].pixels, 2, 8)
+    refs = [((i.pixels[None] + 1) / 2).clamp(0, 1) for i in images]
+    score = {}
+    for scale in (1.0, -1.0):
+        set_scale(pipe.unet, "s", scale)
+        renders = torch.cat([checker.denoise(pipe.unet, seed) for seed in (0, 1)])
+        score[scale] = [float(psnr(renders, r.expand_as(renders)).mean()) for r in refs]
+    assert score[1.0][0] > score[-1.0][0] + 3, score  # +1 is much closer to A than −1 is
+    # measured 1.09 vs 0.71 dB: B is near black, so PSNR against it is small; the −1 end learns more slowly
+    assert score[-1.0][1] > score[1.0][1] + 0.15, score  # −1 is closer to B than +1 is
+
+
+def test_locon_training_writes_3x3_modules_that_diffusers_loads(tiny_models, pair, tmp_path, caplog):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "locon.safetensors"
+    model = str(tiny_models / "base")
+    run(TrainConfig(images=[pair[0]], model=model, output=out, steps=2, check_every=0, conv_rank=2, conv_alpha=1.0))
+    network = read(out, model_index(str(tiny_models / "base"))).network
+    convs = [m for m in network if m.is_conv and tuple(m.down.shape[2:]) == (3, 3)]
+    assert convs and {m.rank for m in convs} == {2} and {m.alpha for m in convs} == {1.0}
+    assert {m.rank for m in network if m not in convs} == {8}  # the linears keep --rank
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "base")
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out), adapter_name="locon")
+    assert not [
+        r for r in caplog.records if re.search(r"unexpected keys|missing keys|not loaded", r.getMessage(), re.I)
+    ]
+    loaded = sum(1 for _, m in pipe.unet.named_modules() if "locon" in getattr(m, "lora_A", {}))
+    assert loaded == len(network)
+
+
+def test_conv_alpha_needs_conv_rank():
+    from loratool.errors import InputError
+
+    with pytest.raises(InputError, match="--conv-alpha needs --conv-rank"):
+        TrainConfig(images=["a.png"], conv_alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def copy_slider(tiny_models, pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "copy.safetensors"
+    run(
+        TrainConfig(
+            images=[pair[0]], model=str(tiny_models / "base"), output=out, check_every=0, steps=10, rank=4, lr=1e-2
+        )
+    )
+    return out
+
+
+def _change_at_one(tiny_models, path) -> float:
+    from loratool.calibrate import Sweep, pipeline_with
+
+    model = str(tiny_models / "base")
+    return Sweep(pipeline_with(model, read(path, model_index(model)).network), "", 64).change(1.0)
+
+
+def test_calibration_puts_the_change_at_plus_minus_one_on_the_target(tiny_models, copy_slider, tmp_path, cli):
+    before = _change_at_one(tiny_models, copy_slider)
+    target = round(2.5 * before, 4)
+    out = tmp_path / "calibrated.safetensors"
+    args = [
+        "merge",
+        copy_slider,
+        "-o",
+        out,
+        "--model",
+        tiny_models / "base",
+        "--target-change",
+        target,
+        "--dtype",
+        "fp32",
+    ]
+    code, _, stderr = cli(*args)
+    assert code == 0, stderr
+    with safe_open(str(out), "pt") as f:
+        note = json.loads(f.metadata()["loratool_calibration"])
+    assert note["target"] == target and note["factor"] > 1 and abs(note["measured"] / target - 1) <= 0.2
+    after = _change_at_one(tiny_models, out)
+    assert abs(after / target - 1) <= 0.2, (before, after, target, note)
+
+
+def test_calibrating_to_a_pair_targets_half_its_change(tiny_models, copy_slider, pair, tmp_path, monkeypatch):
+    from loratool import calibrate
+    from loratool.merge import MergeConfig
+    from loratool.merge import run as merge
+
+    monkeypatch.setattr(calibrate, "solve", lambda change, target: (2.0, target))  # the renders are tested above
+    out = tmp_path / "pair.safetensors"
+    merge(MergeConfig([copy_slider], out, model=str(tiny_models / "base"), calibrate=pair, dtype="fp32"))
+    with safe_open(str(out), "pt") as f:
+        note = json.loads(f.metadata()["loratool_calibration"])
+    assert note["pair"] == [p.name for p in pair] and note["target"] == pytest.approx(note["pair_change"] / 2)
+    assert note["pair_change"] == pytest.approx((235 - 20) / 255)
+    before, after = (read(p, model_index(str(tiny_models / "base"))).network for p in (copy_slider, out))
+    m = next(iter(before))
+    assert torch.allclose(after.modules[m.key].delta(), 2.0 * m.delta(), rtol=1e-4, atol=1e-6)
+
+
+def test_demo_recipe_3_trains_one_slider_on_the_pair(tmp_path, monkeypatch):
+    from loratool import train
+    from loratool.demo.run import DemoConfig, make_slider
+    from loratool.errors import InputError
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config: seen.append(config) or [config.output])
+    config = DemoConfig(output=tmp_path, recipe=3, steps=5)
+    plus, minus = tmp_path / "plus.png", tmp_path / "minus.png"
+    assert make_slider(config, plus, minus) == tmp_path / "slider.safetensors"
+    (settings,) = seen
+    assert isinstance(settings, SliderConfig) and settings.images == [plus, minus] and settings.model == "demo"
+    with pytest.raises(InputError, match="--recipe must be 1"):
+        DemoConfig(recipe=4)
