@@ -71,11 +71,12 @@ def write_pair(config: DemoConfig) -> tuple[Path, Path, dict]:
     return paths["plus"], paths["minus"], {"plus": asdict(plus_scene), "minus": asdict(minus_scene)}
 
 
-def _train(config: DemoConfig, image: Path, output: Path, base_loras: list[str] | None = None) -> Path:
+def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: list[str] | None = None) -> Path:
+    """A copy LoRA of one image, or (two images) a slider trained on the pair: +1 → first, −1 → second."""
     from loratool import train
 
-    settings = train.TrainConfig(
-        images=[image],
+    settings = (train.SliderConfig if len(images) == 2 else train.TrainConfig)(
+        images=images,
         output=output,
         model="demo",
         rank=config.rank,
@@ -95,35 +96,18 @@ def _train(config: DemoConfig, image: Path, output: Path, base_loras: list[str] 
 
 
 def make_slider(config: DemoConfig, plus: Path, minus: Path) -> Path:
-    """Recipe 2: copy-train both, slider = plus·(+1) + minus·(−1). Recipe 1: plus trained on minus folded in."""
+    """Recipe 2: copy-train both, slider = plus·(+1) + minus·(−1). Recipe 1: plus trained on minus folded in.
+    Recipe 3: one LoRA trained on the pair (train --mode slider)."""
     from loratool import merge
 
     out = config.output
-    if config.recipe == 3:  # one LoRA trained on the pair: +1 → plus, −1 → minus (train --mode slider)
-        from loratool import train
-
-        settings = train.SliderConfig(
-            images=[plus, minus],
-            output=out / "slider.safetensors",
-            model="demo",
-            rank=config.rank,
-            alpha=float(config.rank),
-            steps=config.steps,
-            lr=config.lr,
-            pure_noise=config.pure_noise,
-            resolution=128,
-            check_every=max(1, config.steps // 3),
-            check_seeds=2,
-            check_steps=12,
-            force=config.force,
-        )
-        train.run(settings)
-        return settings.output
+    if config.recipe == 3:
+        return _train(config, [plus, minus], out / "slider.safetensors")
     if config.recipe == 1:
-        base = _train(config, minus, out / "copy_minus.safetensors")
-        return _train(config, plus, out / "slider.safetensors", base_loras=[f"{base}:1"])
-    a = _train(config, plus, out / "copy_plus.safetensors")
-    b = _train(config, minus, out / "copy_minus.safetensors")
+        base = _train(config, [minus], out / "copy_minus.safetensors")
+        return _train(config, [plus], out / "slider.safetensors", base_loras=[f"{base}:1"])
+    a = _train(config, [plus], out / "copy_plus.safetensors")
+    b = _train(config, [minus], out / "copy_minus.safetensors")
     merge.run(
         merge.MergeConfig(
             inputs=[(a, 1.0), (b, -1.0)], output=out / "slider.safetensors", model="demo", force=config.force
