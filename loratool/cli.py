@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from loratool import __version__, libraries, recorded
+from loratool.demo.run import DemoConfig
 from loratool.errors import InputError, LoratoolError
 from loratool.merge import MergeConfig
 from loratool.options import from_config, settings, typed
@@ -205,33 +206,12 @@ def inspect(
 
 @app.command()
 @handled
-def demo(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("demo-out"),
-    concept: Annotated[str, typer.Option("--concept", help="size | colour | position")] = "size",
-    recipe: Annotated[
-        int, typer.Option("--recipe", help="2: train both, merge A:1 B:-1. 1: train B on A. 3: one slider on the pair.")
-    ] = 2,
-    steps: Annotated[int, typer.Option("--steps", help="Copy-machine steps per LoRA.")] = 300,
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the sweep.")] = "0,1,2,3",
-    prompt: Annotated[
-        str | None, typer.Option("--prompt", help="Prompt of the sweep (default: the pair's scene minus the concept).")
-    ] = None,
-    force: ForceOpt = False,
-) -> None:
+@from_config(DemoConfig)
+def demo(**given) -> None:
     """Train a slider on the embedded demo model and render it, offline, in minutes."""
     from loratool.demo import run as verb
-    from loratool.sample.config import parse_seeds
 
-    config = verb.DemoConfig(
-        output=output,
-        concept=concept,
-        recipe=recipe,
-        steps=steps,
-        seeds=parse_seeds(seeds),
-        prompt=prompt,
-        force=force,
-    )
-    for line in verb.describe(verb.run(config)):
+    for line in verb.describe(verb.run(DemoConfig(**given))):
         typer.echo(line)
 
 

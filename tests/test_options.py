@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from loratool import merge, sample, train
 from loratool.cli import app
+from loratool.demo.run import DemoConfig
 from loratool.merge import MergeConfig
 from loratool.options import KEY, declared
 from loratool.sample.config import SampleConfig
@@ -24,8 +25,15 @@ NOT_OPTIONS = {
     "train": {"images", "pair", "mode"},
     "sample": {"scales", "switch"},
     "merge": {"inputs", "extra"},
+    # the demo's fixed recipe settings (a lab, not a tool): Python API only
+    "demo": {"scales", "rank", "lr", "pure_noise", "sample_steps"},
 }
-CLASSES = {"train": (TrainConfig, DreamboothConfig), "sample": (SampleConfig,), "merge": (MergeConfig,)}
+CLASSES = {
+    "train": (TrainConfig, DreamboothConfig),
+    "sample": (SampleConfig,),
+    "merge": (MergeConfig,),
+    "demo": (DemoConfig,),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +48,7 @@ def _params(verb: str) -> dict:
     return {p.name: p for p in command.params}
 
 
-@pytest.mark.parametrize("verb", ["train", "sample", "merge"])
+@pytest.mark.parametrize("verb", ["train", "sample", "merge", "demo"])
 def test_every_field_has_exactly_one_option_with_the_fields_default(verb):
     params = _params(verb)
     for cls in CLASSES[verb]:

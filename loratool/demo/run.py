@@ -1,8 +1,9 @@
 """`loratool demo`: the whole copy-machine → slider workflow on the embedded demo model, offline, in minutes.
 
-A concept pair (two scenes that differ in one attribute) → two copy-machine LoRAs → a slider (recipe 2:
-merge A:+1 B:−1; recipe 1: train B's image on top of A folded in, B is the slider) → a −1..1 sweep through
-base + refiner → the attribute measured on every render, to show that the slider really slides.
+A concept pair (two scenes that differ in one attribute) → a slider (recipe 2: two copy-machine LoRAs merged
+A:+1 B:−1; recipe 1: B's image trained on top of A folded in; recipe 3: one LoRA trained on the pair) → a −1..1
+sweep through base + refiner → the attribute measured on every render (demo.evaluation), to show that the
+slider really slides, and what else it changed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError, OutputExistsError
+from loratool.options import option
+from loratool.sample.config import parse_seeds
 
 log = logging.getLogger(__name__)
 CONCEPTS = ("size", "colour", "position")
@@ -22,21 +25,24 @@ CONCEPTS = ("size", "colour", "position")
 class DemoConfig:
     """Settings of `loratool demo`; the defaults finish in a few minutes on a laptop CPU."""
 
-    output: Path = Path("demo-out")
-    concept: str = "size"
-    recipe: int = 2
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    output: Path = option(Path("demo-out"), "Output folder.", "-o", "--output")
+    concept: str = option("size", "size | colour | position")
+    recipe: int = option(2, "2: copy both, merge A:1 B:-1. 1: train A on B folded in. 3: one LoRA on the pair.")
+    seeds: list[int] = option([0, 1, 2, 3], "Comma-separated seeds of the sweep.", cli_type=str)
     scales: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0])
-    pair_seed: int = 0
-    steps: int = 300
+    pair_seed: int = option(0, "Which pair of the concept (drawn from this seed).")
+    steps: int = option(300, "Training steps per LoRA (the budget; copies stop once copied).")
     rank: int = 8
     lr: float = 1e-3
     pure_noise: float = 0.25  # without it the seed's noise picks the copy's colour (see train.loss)
     sample_steps: int = 20
-    prompt: str | None = None  # of the sweep; None: the pair's caption without the concept's words
-    force: bool = False
+    prompt: str | None = option(None, "Prompt of the sweep (default: the pair's scene minus the concept).")
+    force: bool = option(False, "Overwrite existing outputs.")
 
     def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if isinstance(self.seeds, str):
+            self.seeds = parse_seeds(self.seeds)
         if self.concept not in CONCEPTS:
             raise InputError(f"--concept must be one of {', '.join(CONCEPTS)}, not {self.concept!r}.")
         if self.recipe not in (1, 2, 3):
