@@ -40,3 +40,13 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers():
+    """The CLI points the root logger at CliRunner's stderr, which is closed once the command returns; later
+    library calls in the same process would log into a closed file."""
+    yield
+    import logging
+
+    logging.getLogger().handlers.clear()
