@@ -8,6 +8,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from loratool import libraries  # noqa: E402
+
+# As the CLI does before anything imports diffusers: every test process then agrees on whether bitsandbytes
+# exists (diffusers checks once, at import), whichever test runs first.
+libraries.without_bitsandbytes()
+
 torch.set_num_threads(1)  # with two threads a busy neighbour slows torch 10-100x
 
 
