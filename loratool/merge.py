@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loratool.errors import InputError, LoraFileError
 from loratool.fold import fold_into_base
-from loratool.options import option
+from loratool.options import check_numbers, option
 from loratool.sdxl.index import LoraSpec, ModelIndex, model_index, parse_spec, read
 from loratool.sdxl.models import MODEL_CONFIG_HELP
 
@@ -55,6 +55,9 @@ class MergeConfig:
         self.output = Path(self.output)
         self.report = Path(self.report) if self.report is not None else None
         self.inputs = [parse_spec(spec) for spec in self.inputs]  # a bad weight fails before any file is read
+        check_numbers(self)
+        if self.alpha is not None and self.alpha <= 0:
+            raise InputError(f"--alpha must be positive, not {self.alpha}.")
         if not self.inputs:
             raise InputError("merge needs at least one LoRA file.")
         if self.dtype not in DTYPES:

@@ -110,7 +110,7 @@ def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
     for name, parts in groups.items():
         component, module = keymap.resolve_kohya(name, lookup)
         down, up = _pair(parts.get("lora_down.weight"), parts.get("lora_up.weight"), name, path)
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        alpha = _alpha(parts["alpha"], name, path) if "alpha" in parts else float(down.shape[0])
         network.add(LoraModule(component, module, down, up, alpha))
     return network
 
@@ -130,7 +130,7 @@ def _read_diffusers(tensors: dict, metadata: dict[str, str], path: Path) -> Lora
     network = LoraNetwork()
     for (component, module), parts in groups.items():
         down, up = _pair(parts.get("down"), parts.get("up"), module, path)
-        alpha = parts["alpha"].item() if "alpha" in parts else alphas(component, module, down.shape[0])
+        alpha = _alpha(parts["alpha"], module, path) if "alpha" in parts else alphas(component, module, down.shape[0])
         network.add(LoraModule(component, module, down, up, float(alpha)))
     return network
 
@@ -155,9 +155,21 @@ def _adapter_alphas(metadata: dict[str, str]):
 def _pair(down, up, name: str, path: Path):
     if down is None or up is None:
         raise LoraFileError(f"{path}: module {name} has only one of its two LoRA factors.")
+    if down.dim() not in (2, 4) or up.dim() != down.dim():  # Linear (2-d) or conv (4-d) factors, nothing else
+        raise LoraFileError(
+            f"{path}: module {name} has {down.dim()}-d down and {up.dim()}-d up factors, not 2-d or 4-d: "
+            "the file is damaged; retrain or re-download it."
+        )
     if down.shape[0] != up.shape[1]:
         raise LoraFileError(f"{path}: module {name} has rank {down.shape[0]} down but {up.shape[1]} up.")
     return down, up
+
+
+def _alpha(tensor, name: str, path: Path) -> float:
+    """A module's alpha: one number (a vector or an empty tensor is a damaged file, not an error deep in torch)."""
+    if tensor.numel() != 1:
+        raise LoraFileError(f"{path}: module {name} has an alpha of shape {tuple(tensor.shape)}, not one number.")
+    return float(tensor.float().item())
 
 
 def _fail_unknown(path: Path, names: list[str]) -> None:
