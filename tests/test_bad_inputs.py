@@ -108,3 +108,136 @@ def test_bad_input_is_one_line_naming_the_culprit(case, files, tiny_models, tmp_
     assert stderr.startswith("loratool: error:") and stderr.strip().count("\n") == 0, stderr
     assert culprit in stderr and "Traceback" not in stderr, stderr
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ---- training: damaged checkpoints under --resume, a diverging loss, Ctrl-C ----------------------------------
+
+TRAIN_FAST = ["--resolution", "64", "--rank", "4", "--lr", "1e-3", "--check-every", "0"]
+
+
+def _train(files, tiny_models, out, *extra):
+    return ["train", files / "image.png", "--model", tiny_models / "base", "-o", out, *TRAIN_FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(files, tiny_models, tmp_path_factory):
+    """`run.ckpt/` with step-000002 and step-000004 (the two kept), from one 4-step run."""
+    from typer.testing import CliRunner
+
+    from loratool.cli import app
+
+    out = tmp_path_factory.mktemp("ckpt") / "run.safetensors"
+    args = _train(files, tiny_models, out, "--steps", "4", "--save-every", "2")
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    folder = out.with_name("run.ckpt")
+    assert [p.name for p in sorted(folder.iterdir())] == ["step-000002", "step-000004"]
+    return folder
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _state_json(change):
+    def damage(path):
+        import json
+
+        state = json.loads(path.read_text())
+        change(state)
+        path.write_text(json.dumps(state))
+
+    return damage
+
+
+DAMAGE = {  # file in a checkpoint → how it is damaged
+    "state.json: not JSON": ("state.json", lambda p: p.write_text("{not json")),
+    "state.json: missing key": ("state.json", _state_json(lambda s: s.pop("step"))),
+    "state.json: extra key": ("state.json", _state_json(lambda s: s.update(surprise=1))),
+    "state.json: missing": ("state.json", lambda p: p.unlink()),
+    "lora.safetensors: truncated": ("lora.safetensors", _truncate),
+    "lora.safetensors: missing": ("lora.safetensors", lambda p: p.unlink()),
+    "optimizer.pt: garbage": ("optimizer.pt", lambda p: p.write_bytes(b"garbage" * 100)),
+    "optimizer.pt: truncated": ("optimizer.pt", _truncate),
+    "rng.pt: garbage": ("rng.pt", lambda p: p.write_bytes(b"garbage" * 100)),
+    "rng.pt: truncated": ("rng.pt", _truncate),
+}
+
+
+def _copy_checkpoints(checkpoints, tmp_path, damaged: tuple[str, ...], case: str):
+    import shutil
+
+    folder = tmp_path / "out.ckpt"
+    shutil.copytree(checkpoints, folder)
+    name, damage = DAMAGE[case]
+    for step in damaged:
+        damage(folder / step / name)
+    return folder, name
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(case, checkpoints, files, tiny_models, tmp_path, cli):
+    folder, name = _copy_checkpoints(checkpoints, tmp_path, ("step-000002", "step-000004"), case)
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "6", "--resume"))
+    assert code == 1, (case, stderr)
+    assert stderr.startswith("loratool: error:") and stderr.strip().count("\n") == 0, stderr
+    assert name in stderr and "step-000004" in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out.ckpt"]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(checkpoints, files, tiny_models, tmp_path, cli):
+    _copy_checkpoints(checkpoints, tmp_path, ("step-000004",), "lora.safetensors: truncated")
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "4", "--resume"))
+    assert code == 0, stderr
+    assert "step-000004/lora.safetensors is damaged" in stderr and "resuming from the older" in stderr
+    assert "step-000002" in stderr and out.exists()
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_silent_overwrite(files, tiny_models, tmp_path, cli):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"an earlier LoRA")
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "2", "--resume"))
+    assert code == 1 and "--resume: no checkpoint in" in stderr and stderr.strip().count("\n") == 0
+    assert out.read_bytes() == b"an earlier LoRA"
+
+
+def test_a_non_finite_loss_stops_keeps_the_checkpoint_and_writes_no_lora(
+    files, tiny_models, tmp_path, cli, monkeypatch
+):
+    from loratool.train import loop
+
+    real_step, calls = loop.train_step, []
+
+    def nan_at_three(*args, **kwargs):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", nan_at_three)
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "4", "--save-every", "2"))
+    assert code == 1 and "loss became nan at step 3" in stderr and "step-000002" in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("loratool: error:") and not out.exists()  # after the bar
+    assert [p.name for p in (tmp_path / "out.ckpt").iterdir()] == ["step-000002"]
+
+
+def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(files, tiny_models, tmp_path, cli, monkeypatch):
+    import os
+    import signal
+
+    from loratool.train import loop
+
+    real_step, calls = loop.train_step, []
+
+    def ctrl_c_during_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C does, mid-step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", ctrl_c_during_three)
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "5"))  # no --save-every
+    assert code == 130 and "interrupted at step 3" in stderr and "--resume continues from step-000003" in stderr
+    assert [p.name for p in (tmp_path / "out.ckpt").iterdir()] == ["step-000003"]
