@@ -238,6 +238,74 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(files, tiny_models, tmp
 
     monkeypatch.setattr(loop, "train_step", ctrl_c_during_three)
     out = tmp_path / "out.safetensors"
+    stale = tmp_path / "out.ckpt" / f".step-000001.tmp-{_dead_pid()}"  # a killed run's half checkpoint
+    stale.mkdir(parents=True)
     code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "5"))  # no --save-every
     assert code == 130 and "interrupted at step 3" in stderr and "--resume continues from step-000003" in stderr
     assert [p.name for p in (tmp_path / "out.ckpt").iterdir()] == ["step-000003"]
+
+
+# ---- writes: checked before the work, temp names swept, readable outputs, one writer per output --------------
+
+
+def _merge(files, tiny_models, out, *extra):
+    return ["merge", files / "good.safetensors", "--model", tiny_models / "base", "-o", out, *extra]
+
+
+def test_a_folder_as_the_output_file_is_refused_even_with_force(files, tiny_models, tmp_path, cli):
+    (tmp_path / "out").mkdir()
+    code, _, stderr = cli(*_merge(files, tiny_models, tmp_path / "out", "--force"))
+    assert code == 1 and "is a folder" in stderr and stderr.strip().count("\n") == 0, stderr
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(files, tiny_models, tmp_path, cli):
+    (tmp_path / "blocker").write_text("")
+    code, _, stderr = cli(*_merge(files, tiny_models, tmp_path / "blocker" / "sub" / "x.safetensors"))
+    assert code == 1 and "blocker is not a folder" in stderr and stderr.strip().count("\n") == 0, stderr
+
+
+def test_an_unwritable_report_fails_before_the_merge_is_written(files, tiny_models, tmp_path, cli):
+    (tmp_path / "blocker").write_text("")
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli(*_merge(files, tiny_models, out, "--report", tmp_path / "blocker" / "r.json"))
+    assert code == 1 and "blocker is not a folder" in stderr and not out.exists(), stderr
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temp_files_are_swept_and_outputs_are_readable(files, tiny_models, tmp_path, cli):
+    import os
+
+    out = tmp_path / "out.safetensors"
+    stale = tmp_path / f".out.safetensors.tmp-{_dead_pid()}"
+    stale.write_bytes(b"half a merge")
+    theirs = [tmp_path / ".out.safetensors.tmpx1y2z3", tmp_path / f".other.safetensors.tmp-{os.getpid()}"]
+    for path in theirs:
+        path.write_bytes(b"not ours, or not this output's")
+    mask = os.umask(0o022)
+    try:
+        code, _, stderr = cli(*_merge(files, tiny_models, out))
+    finally:
+        os.umask(mask)
+    assert code == 0, stderr
+    assert not stale.exists() and all(p.exists() for p in theirs)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in theirs)])  # no lock
+
+
+def test_a_second_run_to_the_same_output_refuses(files, tiny_models, tmp_path, cli):
+    from loratool.files import output_lock
+
+    out = tmp_path / "out.safetensors"
+    with output_lock(out):  # another run holds it
+        code, _, stderr = cli(*_merge(files, tiny_models, out))
+    assert code == 1 and "being written by another loratool run" in stderr and not out.exists(), stderr
+    code, _, stderr = cli(*_merge(files, tiny_models, out))
+    assert code == 0, stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from loratool.errors import InputError, LoratoolError
-from loratool.files import atomic_path
+from loratool.files import atomic_path, sweep
 
 log = logging.getLogger(__name__)
 KEEP = 2  # the latest and the one before, to fall back on
@@ -50,6 +50,7 @@ def save(folder: Path, state: TrainState, model, optimizer, generator, settings:
     from safetensors.torch import save_file
 
     target = Path(folder) / f"step-{state.step:06d}"
+    sweep(folder, ".step-*.tmp-*")  # what a killed run left, whatever step it was writing
     with atomic_path(target) as tmp:
         tmp.mkdir(parents=True)
         save_file(trainable_state(model), tmp / "lora.safetensors")

@@ -48,7 +48,9 @@ def check_outputs(config: TrainConfig, lora_path: Path) -> None:
     ckpt_dir = sidecars(lora_path)["checkpoints"]
     if config.resume and not checkpoint.latest(ckpt_dir):  # else --resume would overwrite outputs unasked
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start afresh.")
-    for p in (lora_path, sidecars(lora_path)["report"], sidecars(lora_path)["preview"]):
+    check_writable(lora_path, config.force or config.resume, file=True)
+    check_writable(ckpt_dir, True)  # a file of that name would fail only at the first checkpoint
+    for p in (sidecars(lora_path)["report"], sidecars(lora_path)["preview"]):
         check_writable(p, config.force or config.resume)  # --resume overwrites its own interrupted outputs
 
 
