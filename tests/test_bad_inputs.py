@@ -73,6 +73,8 @@ def _cases(root, tiny_models):
         "merge --sv-fro nan": ([*merge, lora, "--sv-fro", "nan"], "--sv-fro"),
         "merge FILE:nan": ([*merge, f"{lora}:nan"], "nan"),
         "merge FILE:abc": ([*merge, f"{lora}:abc"], "abc"),
+        "merge a folder as the LoRA": ([*merge, str(root)], "is a folder"),
+        "train a LoRA as --model": ([*train[:2], "--model", lora, *train[4:]], "no Stable Diffusion checkpoint"),
         # LoRA tensors: finite, floating point, 2-d or 4-d, in range; alpha one finite number
         "merge NaN factor": ([*merge, str(root / "nan.safetensors")], "nan.safetensors"),
         "merge 0-d factor": ([*merge, str(root / "zero_d.safetensors")], "zero_d.safetensors"),
@@ -90,6 +92,7 @@ CASES = [
     *("sample --guidance nan", "sample --lora-start nan", "sample --seeds 1e23", "sample --seeds 10**23"),
     *("sample --device tpu9", "sample --points 100000", "sample --lora FILE:inf"),
     *("merge --alpha 0", "merge --alpha nan", "merge --sv-fro nan", "merge FILE:nan", "merge FILE:abc"),
+    *("merge a folder as the LoRA", "train a LoRA as --model"),
     *("merge NaN factor", "merge 0-d factor", "merge 1e20 entry", "merge int8 factors", "merge NaN alpha"),
     "merge vector alpha",
 ]

@@ -7,6 +7,7 @@ silently: unknown or unsupported keys are an error that lists them.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,8 +34,12 @@ def keymap_for(unet) -> K.KeyMap:
 def check_file(path: Path) -> None:
     """The checks that need no reading: commands call it early so a typo fails before any model loads."""
     path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(f"LoRA file {path} is a folder; pass the .safetensors file inside it.")
     if not path.is_file():
         raise LoraFileError(f"LoRA file {path} not found.")
+    if not os.access(path, os.R_OK):
+        raise LoraFileError(f"LoRA file {path} cannot be read (permission denied).")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise LoraFileError(f"{path} is a pickle file, which can run code: unsupported, convert it to .safetensors.")
 

@@ -90,7 +90,9 @@ def _check_single_file(path: Path, refiner: bool, config: str | None) -> None:
     kind = checkpoint_kind(read_keys(path))
     wanted = "sdxl-refiner" if refiner else "sdxl-base"
     names = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl-base": "an SDXL base"}
-    names |= {"sdxl-refiner": "an SDXL refiner", "unknown": "no Stable Diffusion model loratool recognises"}
+    names |= {"sdxl-refiner": "an SDXL refiner"}  # "unknown" reads badly in the sentence below: its own
+    if kind == "unknown":
+        raise ModelSourceError(f"{path} is no Stable Diffusion checkpoint loratool recognises; pass {names[wanted]}.")
     if kind != wanted:
         raise ModelSourceError(f"{path} is {names[kind]} checkpoint, not {names[wanted]} checkpoint.")
     if config is None and _offline():
