@@ -23,6 +23,7 @@ def files(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     y, x = np.mgrid[0:64, 0:64]
     Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8)).save(root / "image.png")
+    (root / "nan.toml").write_text("alpha = nan\n")
     unet = UNet2DConditionModel.from_pretrained(tiny_models / "base" / "unet")
     good = root / "good.safetensors"
     write_lora(random_network(SimpleNamespace(unet=unet), conv=False, te=False), good, keymap=keymap_for(unet))
@@ -59,6 +60,7 @@ def _cases(root, tiny_models):
         "train --device tpu9": ([*train, "--device", "tpu9"], "--device"),
         "train --base-lora FILE:nan": ([*train, "--base-lora", f"{lora}:nan"], "nan"),
         "train --base-lora NaN file": ([*train, "--base-lora", str(root / "nan.safetensors")], "nan.safetensors"),
+        "train --config alpha = nan": ([*train, "--config", str(root / "nan.toml")], "--alpha"),
         # sample options
         "sample --guidance nan": ([*sample, "--guidance", "nan"], "--guidance"),
         "sample --lora-start nan": ([*sample, "--lora-start", "nan"], "--lora-start"),
@@ -67,6 +69,7 @@ def _cases(root, tiny_models):
         "sample --device tpu9": ([*sample, "--device", "tpu9"], "--device"),
         "sample --points 100000": ([*sample, "--lora", lora, "--points", "100000"], "--points"),
         "sample --lora FILE:inf": ([*sample, "--lora", f"{lora}:inf"], "inf"),
+        "sample --lora NaN file": ([*sample, "--lora", str(root / "nan.safetensors")], "nan.safetensors"),
         # merge options and weights
         "merge --alpha 0": ([*merge, lora, "--alpha", "0"], "--alpha"),
         "merge --alpha nan": ([*merge, lora, "--alpha", "nan"], "--alpha"),
@@ -88,7 +91,7 @@ def _cases(root, tiny_models):
 CASES = [
     *("train --alpha inf", "train --noise-offset nan", "train --lr nan", "train --min-snr-gamma inf"),
     *("train --seed 1e23", "train --seed -1", "train --device tpu9", "train --base-lora FILE:nan"),
-    "train --base-lora NaN file",
+    *("train --base-lora NaN file", "train --config alpha = nan", "sample --lora NaN file"),
     *("sample --guidance nan", "sample --lora-start nan", "sample --seeds 1e23", "sample --seeds 10**23"),
     *("sample --device tpu9", "sample --points 100000", "sample --lora FILE:inf"),
     *("merge --alpha 0", "merge --alpha nan", "merge --sv-fro nan", "merge FILE:nan", "merge FILE:abc"),
@@ -225,7 +228,7 @@ def test_a_non_finite_loss_stops_keeps_the_checkpoint_and_writes_no_lora(
     assert [p.name for p in (tmp_path / "out.ckpt").iterdir()] == ["step-000002"]
 
 
-def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(files, tiny_models, tmp_path, cli, monkeypatch):
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_matches(files, tiny_models, tmp_path, cli, monkeypatch):
     import os
     import signal
 
@@ -239,6 +242,8 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(files, tiny_models, tmp
             os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C does, mid-step
         return real_step(*args, **kwargs)
 
+    straight = tmp_path / "straight.safetensors"
+    assert cli(*_train(files, tiny_models, straight, "--steps", "5"))[0] == 0
     monkeypatch.setattr(loop, "train_step", ctrl_c_during_three)
     out = tmp_path / "out.safetensors"
     stale = tmp_path / "out.ckpt" / f".step-000001.tmp-{_dead_pid()}"  # a killed run's half checkpoint
@@ -246,6 +251,11 @@ def test_ctrl_c_finishes_the_step_and_saves_a_checkpoint(files, tiny_models, tmp
     code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "5"))  # no --save-every
     assert code == 130 and "interrupted at step 3" in stderr and "--resume continues from step-000003" in stderr
     assert [p.name for p in (tmp_path / "out.ckpt").iterdir()] == ["step-000003"]
+    monkeypatch.setattr(loop, "train_step", real_step)
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "5", "--resume"))
+    assert code == 0, stderr
+    a, b = load_file(straight), load_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never stopped
 
 
 # ---- writes: checked before the work, temp names swept, readable outputs, one writer per output --------------
