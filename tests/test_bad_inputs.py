@@ -3,6 +3,8 @@
 Every row fails before any training or rendering starts, so the table runs in seconds on the tiny models.
 """
 
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,8 +173,6 @@ DAMAGE = {  # file in a checkpoint → how it is damaged
 
 
 def _copy_checkpoints(checkpoints, tmp_path, damaged: tuple[str, ...], case: str):
-    import shutil
-
     folder = tmp_path / "out.ckpt"
     shutil.copytree(checkpoints, folder)
     name, damage = DAMAGE[case]
@@ -322,3 +322,24 @@ def test_a_second_run_to_the_same_output_refuses(files, tiny_models, tmp_path, c
     assert code == 1 and "being written by another loratool run" in stderr and not out.exists(), stderr
     code, _, stderr = cli(*_merge(files, tiny_models, out))
     assert code == 0, stderr
+
+
+def test_a_write_error_after_training_keeps_the_lora_elsewhere(files, tiny_models, tmp_path, cli, monkeypatch):
+    from loratool.errors import LoratoolError
+    from loratool.train import loop
+
+    real_write = loop.write_outputs
+
+    def disk_full_at_the_output(config, trainee, state, lora_path, *args, **kwargs):
+        if lora_path.parent == tmp_path:
+            raise LoratoolError(f"cannot write {lora_path}: No space left on device; free some space.")
+        return real_write(config, trainee, state, lora_path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "write_outputs", disk_full_at_the_output)
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli(*_train(files, tiny_models, out, "--steps", "2"))
+    last = stderr.strip().splitlines()[-1]
+    assert code == 1 and "No space left" in last and "written to" in last, stderr
+    kept = Path(last.rsplit("written to ", 1)[1].removesuffix(" instead."))
+    assert kept.name == "out.safetensors" and len(load_file(kept)) > 0 and not out.exists()
+    shutil.rmtree(kept.parent)

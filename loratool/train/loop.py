@@ -11,7 +11,9 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -79,7 +81,15 @@ def train(config: TrainConfig, trainee: Trainee, lora_path: Path, timings: dict)
         raise TrainingInterrupted(f"interrupted at step {state.step}; wrote {paths[0]} ({then}).") from None
     if not PartialState().is_main_process:
         return []
-    return write_outputs(config, trainee, state, lora_path, timings)
+    try:
+        return write_outputs(config, trainee, state, lora_path, timings)
+    except LoratoolError as exc:  # a full disk at the very end: the run must not be lost with it
+        rescue = Path(tempfile.gettempdir()) / f"loratool-rescue-{os.getpid()}" / lora_path.name
+        try:
+            kept = write_outputs(config, trainee, state, rescue, timings)[0]
+        except LoratoolError:
+            raise exc from None
+        raise LoratoolError(f"{exc} The trained LoRA was written to {kept} instead.") from None
 
 
 def fit(config: TrainConfig, trainee: Trainee, state: TrainState, ckpt_dir: Path, timings: dict) -> None:
