@@ -343,3 +343,33 @@ def test_a_write_error_after_training_keeps_the_lora_elsewhere(files, tiny_model
     kept = Path(last.rsplit("written to ", 1)[1].removesuffix(" instead."))
     assert kept.name == "out.safetensors" and len(load_file(kept)) > 0 and not out.exists()
     shutil.rmtree(kept.parent)
+
+
+KILLED = {  # what a run was writing when kill -9 came: (target, body of its atomic_path block)
+    "file": ("out.safetensors", "tmp.write_bytes(b'x' * 4096)"),
+    "checkpoint folder": ("run.ckpt/step-000004", "tmp.mkdir(); (tmp / 'lora.safetensors').write_bytes(b'x')"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KILLED))
+def test_kill_9_mid_write_leaves_a_temp_that_the_next_write_removes(kind, tmp_path):
+    import subprocess
+    import sys
+
+    from loratool.files import atomic_path, sweep
+
+    name, body = KILLED[kind]
+    target = tmp_path / name
+    script = f"import os\nfrom loratool.files import atomic_path\nwith atomic_path({str(target)!r}) as tmp:\n"
+    script += f"    {body}\n    os.kill(os.getpid(), 9)\n"
+    env = {"PYTHONPATH": str(Path(__file__).parents[1])}
+    assert subprocess.run([sys.executable, "-c", script], env=env).returncode == -9
+    left = [p.name for p in target.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".{target.name}.tmp-") and not target.exists()
+    if kind == "file":  # the next write to the same output removes it
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"done")
+        assert [p.name for p in target.parent.iterdir()] == [target.name]
+    else:  # the next checkpoint sweeps every step's temp name (checkpoint.save calls this)
+        sweep(target.parent, ".step-*.tmp-*")
+        assert not list(target.parent.iterdir())
