@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loratool.errors import InputError, LoraFileError
 from loratool.fold import fold_into_base
-from loratool.options import option
+from loratool.options import check_numbers, option
 from loratool.sdxl.index import LoraSpec, ModelIndex, model_index, parse_spec, read
 from loratool.sdxl.models import MODEL_CONFIG_HELP
 
@@ -55,6 +55,9 @@ class MergeConfig:
         self.output = Path(self.output)
         self.report = Path(self.report) if self.report is not None else None
         self.inputs = [parse_spec(spec) for spec in self.inputs]  # a bad weight fails before any file is read
+        check_numbers(self)
+        if self.alpha is not None and self.alpha <= 0:
+            raise InputError(f"--alpha must be positive, not {self.alpha}.")
         if not self.inputs:
             raise InputError("merge needs at least one LoRA file.")
         if self.dtype not in DTYPES:
@@ -195,12 +198,19 @@ def _recipe(config: MergeConfig, hashes: dict[str, str]) -> dict[str, str]:
 
 
 def run(config: MergeConfig) -> Path:
-    from loratool.files import atomic_path, check_writable
+    from loratool.files import check_writable, output_lock
+
+    check_writable(config.output, config.force, file=not config.into_base)
+    if config.report:  # now, not after the merge is written
+        check_writable(config.report, True, file=True)
+    with output_lock(config.output):  # a second merge to the same output refuses instead of racing this one
+        return fold_into_base(config) if config.into_base else _merge(config)
+
+
+def _merge(config: MergeConfig) -> Path:
+    from loratool.files import atomic_path
     from loratool.lora.io import works_in, write_lora
 
-    check_writable(config.output, config.force)
-    if config.into_base:
-        return fold_into_base(config)
     index = model_index(config.model)
     network, rows, hashes = merge_networks(config, index)
     meta = index.base_metadata(config.model) | _recipe(config, hashes)

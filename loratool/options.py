@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 from loratool.errors import InputError
 
 KEY = "loratool_option"
+INT_LIMIT = 2**63 - 1  # torch seeds and counts are 64-bit: a bigger integer would crash deep inside torch
 
 
 @dataclass(frozen=True)
@@ -179,3 +181,18 @@ def _check_type(key: str, value: Any, hint: Any, source: Path | None) -> None:
 def _kind_name(hint: Any) -> str:
     text = hint.__name__ if isinstance(hint, type) else str(hint)
     return text.replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+
+
+def check_numbers(config: Any) -> None:
+    """Every number option of `config` (lists included) is finite and fits 64 bits: the one check that keeps
+    NaN, inf and 1e23 out of the math. Run first in each config's `__post_init__`, before range checks, since
+    `nan < 0` and `nan > 1` are both false."""
+    for name, (_, flag, _) in declared(type(config)).items():
+        value = getattr(config, name)
+        for v in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"{flag.name(name)} must be a finite number, not {v}.")
+            if abs(v) > INT_LIMIT:
+                raise InputError(f"{flag.name(name)} is out of range: {v} does not fit in 64 bits.")

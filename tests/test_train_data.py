@@ -80,6 +80,28 @@ def test_alpha_is_flattened_on_white_and_grayscale_expanded(tmp_path):
     assert gray.mode == "RGB" and (np.asarray(gray) == 90).all()
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # what made convert("RGB") clip
+    arr = np.asarray(load_image(tmp_path / "g16.png")).astype(int)
+    assert (arr[..., 0] == arr[..., 2]).all() and arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+    assert np.abs(arr[0, :, 0] - np.round(ramp[0] / 257)).max() == 0
+
+
+def test_palette_images_keep_their_colours_and_flatten_transparency_on_white(tmp_path):
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[:, :32] = (200, 30, 60)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(tmp_path / "p.png")
+    arr = np.asarray(load_image(tmp_path / "p.png"))
+    assert (arr[:, :32] == (200, 30, 60)).all() and (arr[:, 32:] == 0).all()
+    pal = Image.open(tmp_path / "p.png")
+    black = next(i for i, c in enumerate(np.asarray(pal.getpalette()).reshape(-1, 3)) if not c.any())
+    pal.save(tmp_path / "pt.png", transparency=black)  # black is transparent → white
+    arr = np.asarray(load_image(tmp_path / "pt.png"))
+    assert (arr[:, :32] == (200, 30, 60)).all() and (arr[:, 32:] == 255).all()
+
+
 @pytest.mark.parametrize("case", ["missing", "text", "small"])
 def test_bad_images_are_rejected_naming_the_file(tmp_path, case):
     path = tmp_path / f"{case}.png"

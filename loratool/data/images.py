@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 64
 BUCKET_STEP = 64
 PAIR_WARN_SHARE = 0.5
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # how PIL opens a 16-bit greyscale PNG (0..65535)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class TrainImage:
 
 
 def load_image(path: Path):
-    """An RGB PIL image: alpha flattened on white, grayscale and palette expanded."""
+    """An RGB PIL image: alpha flattened on white, grayscale (8- or 16-bit) and palette expanded."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -49,6 +51,8 @@ def load_image(path: Path):
         raise InputError(f"{path} is not an image loratool can read (PNG, JPEG, WebP…): {exc}.") from None
     if min(img.size) < MIN_SIDE:
         raise InputError(f"{path} is {img.width}×{img.height} px; training needs at least {MIN_SIDE} px per side.")
+    if img.mode in SIXTEEN_BIT:  # convert("RGB") clips 16-bit grey at 255: a mid-grey photo turns white
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")

@@ -7,6 +7,7 @@ silently: unknown or unsupported keys are an error that lists them.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,8 +34,12 @@ def keymap_for(unet) -> K.KeyMap:
 def check_file(path: Path) -> None:
     """The checks that need no reading: commands call it early so a typo fails before any model loads."""
     path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(f"LoRA file {path} is a folder; pass the .safetensors file inside it.")
     if not path.is_file():
         raise LoraFileError(f"LoRA file {path} not found.")
+    if not os.access(path, os.R_OK):
+        raise LoraFileError(f"LoRA file {path} cannot be read (permission denied).")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise LoraFileError(f"{path} is a pickle file, which can run code: unsupported, convert it to .safetensors.")
 
@@ -110,7 +115,7 @@ def _read_kohya(tensors: dict, keymap: K.KeyMap, path: Path) -> LoraNetwork:
     for name, parts in groups.items():
         component, module = keymap.resolve_kohya(name, lookup)
         down, up = _pair(parts.get("lora_down.weight"), parts.get("lora_up.weight"), name, path)
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        alpha = _alpha(parts["alpha"], name, path) if "alpha" in parts else float(down.shape[0])
         network.add(LoraModule(component, module, down, up, alpha))
     return network
 
@@ -130,7 +135,7 @@ def _read_diffusers(tensors: dict, metadata: dict[str, str], path: Path) -> Lora
     network = LoraNetwork()
     for (component, module), parts in groups.items():
         down, up = _pair(parts.get("down"), parts.get("up"), module, path)
-        alpha = parts["alpha"].item() if "alpha" in parts else alphas(component, module, down.shape[0])
+        alpha = _alpha(parts["alpha"], module, path) if "alpha" in parts else alphas(component, module, down.shape[0])
         network.add(LoraModule(component, module, down, up, float(alpha)))
     return network
 
@@ -155,9 +160,21 @@ def _adapter_alphas(metadata: dict[str, str]):
 def _pair(down, up, name: str, path: Path):
     if down is None or up is None:
         raise LoraFileError(f"{path}: module {name} has only one of its two LoRA factors.")
+    if down.dim() not in (2, 4) or up.dim() != down.dim():  # Linear (2-d) or conv (4-d) factors, nothing else
+        raise LoraFileError(
+            f"{path}: module {name} has {down.dim()}-d down and {up.dim()}-d up factors, not 2-d or 4-d: "
+            "the file is damaged; retrain or re-download it."
+        )
     if down.shape[0] != up.shape[1]:
         raise LoraFileError(f"{path}: module {name} has rank {down.shape[0]} down but {up.shape[1]} up.")
     return down, up
+
+
+def _alpha(tensor, name: str, path: Path) -> float:
+    """A module's alpha: one number (a vector or an empty tensor is a damaged file, not an error deep in torch)."""
+    if tensor.numel() != 1:
+        raise LoraFileError(f"{path}: module {name} has an alpha of shape {tuple(tensor.shape)}, not one number.")
+    return float(tensor.float().item())
 
 
 def _fail_unknown(path: Path, names: list[str]) -> None:

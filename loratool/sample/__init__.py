@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from loratool.errors import InputError
-from loratool.files import check_writable
+from loratool.files import check_writable, output_lock
 from loratool.sample.config import SampleConfig
 from loratool.sample.outputs import plan, save_png, write_sweep
 from loratool.sample.pipeline import embeddings, render, set_scheduler
@@ -42,11 +42,16 @@ log = logging.getLogger(__name__)
 
 def run(config: SampleConfig) -> list[Path]:
     """Render and write everything in `plan(config)`; returns the files written."""
-    from loratool.sample.reference import guides, read_reference  # imports torch
-
     outputs = plan(config)
     for path in outputs.all():
-        check_writable(path, config.force)
+        check_writable(path, config.force, file=True)
+    with output_lock(config.output):  # a second run into the same folder refuses instead of racing this one
+        return _render(config, outputs)
+
+
+def _render(config: SampleConfig, outputs) -> list[Path]:
+    from loratool.sample.reference import guides, read_reference  # imports torch
+
     reference = read_reference(config)  # a bad image fails before any model loads
     runtime = pick_runtime(config.device, config.precision)
     if (config.cpu_offload or config.compile) and not runtime.device.startswith("cuda"):

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError
-from loratool.options import option
+from loratool.options import check_numbers, option
 from loratool.sample.pipeline import check_scheduler
 from loratool.sdxl.index import parse_spec
-from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
+from loratool.sdxl.models import DEFAULT_BASE, DEFAULT_REFINER, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP, check_device
 
 MODEL, SWEEP, REFINER, REFERENCE = "Model", "Slider sweep", "Refiner hand-off", "Reference-only"
 
@@ -74,6 +74,10 @@ class SampleConfig:
         self.original_size = parse_pair(self.original_size, "--original-size", "x")
         self.crop = parse_pair(self.crop, "--crop", ",")
         self.target_size = parse_pair(self.target_size, "--target-size", "x")
+        check_numbers(self)
+        check_device(self.device)
+        if any(s < 0 for s in self.seeds):
+            raise InputError(f"--seeds must be 0 or more, not {self.seeds}.")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, not {self.steps}.")
         self._resolve_split()
@@ -167,7 +171,7 @@ class SampleConfig:
 def parse_seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
+    except ValueError:  # 1e23 included: a seed is an integer
         raise InputError(f"--seeds takes comma-separated integers, not {text!r}.") from None
 
 

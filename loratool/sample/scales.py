@@ -6,11 +6,13 @@ import math
 
 from loratool.errors import InputError
 
+MAX_SCALES = 100  # each scale is one render per seed: 100 000 would run for days without a word
+
 
 def slider_scales(text: str, points: int) -> list[float]:
     """`A..B` with `points` evenly spaced values; 0 is inserted when A < 0 < B and the spacing misses it."""
-    if points < 1:
-        raise InputError(f"--points must be at least 1, not {points}.")
+    if not 1 <= points <= MAX_SCALES:
+        raise InputError(f"--points must be between 1 and {MAX_SCALES} (one render per seed each), not {points}.")
     try:
         low, high = (float(x) for x in text.split(".."))
     except ValueError:
@@ -46,6 +48,8 @@ def value_scales(text: str) -> list[float]:
         raise InputError(f"--values needs at least one finite number, not {text!r}.")
     if len(set(scales)) != len(scales):
         raise InputError(f"--values lists a scale twice: {text!r}.")
+    if len(scales) > MAX_SCALES:
+        raise InputError(f"--values lists {len(scales)} scales; at most {MAX_SCALES} (one render per seed each).")
     return scales
 
 

@@ -24,6 +24,9 @@ from loratool.lora.network import LoraNetwork
 from loratool.sdxl import reference
 
 EXAMPLE = "write FILE[:WEIGHT], e.g. b.safetensors:-1"
+# fp16's largest number: no trained LoRA factor comes near it, and a bigger one overflows every fp16 merge
+# (a 1e20 entry once made its module's ΔW look like zero and be dropped).
+MAX_FACTOR = 65504.0
 
 
 class LoraSpec(NamedTuple):
@@ -136,8 +139,16 @@ def check_numbers(network: LoraNetwork, path: Path) -> None:
             ops.check_finite(name, m.down, m.up)
         except ValueError as exc:
             raise LoraFileError(f"{exc}: the file is damaged; retrain or re-download it.") from None
+        peak = max(float(t.abs().amax()) if t.numel() else 0.0 for t in (m.down, m.up))
+        if peak > MAX_FACTOR:
+            raise LoraFileError(
+                f"{name} holds a value of {peak:.3g}, beyond fp16's {MAX_FACTOR:g} and any trained LoRA's: "
+                "the file is damaged; retrain or re-download it."
+            )
         if not math.isfinite(m.alpha):
             raise LoraFileError(f"{name}: alpha contains NaN or inf: the file is damaged; retrain or re-download it.")
+        if m.alpha < 0:
+            raise LoraFileError(f"{name}: alpha {m.alpha} is negative: the file is damaged; retrain or re-download it.")
 
 
 def build_base_index() -> dict[str, dict[str, list[int]]]:

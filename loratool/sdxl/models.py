@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,13 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 MODEL_HELP = "Hub id, diffusers folder, single-file .safetensors SDXL checkpoint, or demo."
 MODEL_CONFIG_HELP = "Local diffusers folder whose configs describe a single-file --model."
 DEVICE_HELP = "cuda, cuda:1, mps or cpu (default: best available)."
+DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str | None) -> None:
+    """A --device torch understands, checked before any model loads."""
+    if device is not None and not DEVICE_PATTERN.fullmatch(device):
+        raise InputError(f"--device must be cuda, cuda:N, mps or cpu, not {device!r}.")
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ def pick_runtime(device: str | None = None, precision: str = "auto") -> Runtime:
 
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+    check_device(device)
     if device is None:
         if torch.cuda.is_available():
             device = "cuda"
@@ -81,7 +90,9 @@ def _check_single_file(path: Path, refiner: bool, config: str | None) -> None:
     kind = checkpoint_kind(read_keys(path))
     wanted = "sdxl-refiner" if refiner else "sdxl-base"
     names = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl-base": "an SDXL base"}
-    names |= {"sdxl-refiner": "an SDXL refiner", "unknown": "no Stable Diffusion model loratool recognises"}
+    names |= {"sdxl-refiner": "an SDXL refiner"}  # "unknown" reads badly in the sentence below: its own
+    if kind == "unknown":
+        raise ModelSourceError(f"{path} is no Stable Diffusion checkpoint loratool recognises; pass {names[wanted]}.")
     if kind != wanted:
         raise ModelSourceError(f"{path} is {names[kind]} checkpoint, not {names[wanted]} checkpoint.")
     if config is None and _offline():

@@ -8,9 +8,11 @@ The modes and the loop (torch) load inside `run`: the CLI builds its options fro
 importing this package must not cost `loratool --help` the seconds torch takes.
 """
 
+from contextlib import ExitStack
 from pathlib import Path
 
 from loratool import libraries
+from loratool.files import output_lock
 from loratool.train.config import DreamboothConfig, SliderConfig, TrainConfig
 
 
@@ -28,8 +30,11 @@ def run(config: TrainConfig) -> list[Path]:
     for path in config.lora_paths():
         check_outputs(config, path)
     written: list[Path] = []
-    for trainee, path, timings in mode.trainees(config):  # lazily: one base in memory at a time
-        written += train(config, trainee, path, timings)
+    with ExitStack() as locks:  # a second run to the same output refuses instead of racing this one
+        for path in config.lora_paths():
+            locks.enter_context(output_lock(path))
+        for trainee, path, timings in mode.trainees(config):  # lazily: one base in memory at a time
+            written += train(config, trainee, path, timings)
     return written
 
 

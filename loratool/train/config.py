@@ -7,9 +7,9 @@ from pathlib import Path
 
 from loratool.errors import InputError
 from loratool.lora.io import check_file
-from loratool.options import option
+from loratool.options import check_numbers, option
 from loratool.sdxl.index import LoraSpec, parse_spec
-from loratool.sdxl.models import DEFAULT_BASE, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
+from loratool.sdxl.models import DEFAULT_BASE, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP, check_device
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -77,6 +77,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.images = [Path(p) for p in self.images]
         self.output = Path(self.output)
+        check_numbers(self)
+        check_device(self.device)
         self.check_inputs()
         _in_range("--rank", self.rank, 1, 128)
         _in_range("--conv-rank", self.conv_rank, 0, 128)
@@ -87,6 +89,7 @@ class TrainConfig:
         _in_range("--check-seeds", self.check_seeds, 1, 16)
         _in_range("--check-steps", self.check_steps, 1, 200)
         _in_range("--save-every", self.save_every, 0, self.steps)
+        _in_range("--seed", self.seed, 0, 2**63 - 1)
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
             raise InputError(f"--resolution must be a multiple of 64 and at least 64, not {self.resolution}.")
         if not 0 < self.lr <= 1:

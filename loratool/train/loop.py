@@ -7,8 +7,14 @@ the loop imports no mode.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
+import os
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,8 +42,17 @@ class TrainingInterrupted(LoratoolError):
     exit_code = 130
 
 
+class TrainingDiverged(LoratoolError):
+    """The loss became NaN or inf: the LoRA is poisoned, so nothing is written; checkpoints stay as they were."""
+
+
 def check_outputs(config: TrainConfig, lora_path: Path) -> None:
-    for p in (lora_path, sidecars(lora_path)["report"], sidecars(lora_path)["preview"]):
+    ckpt_dir = sidecars(lora_path)["checkpoints"]
+    if config.resume and not checkpoint.latest(ckpt_dir):  # else --resume would overwrite outputs unasked
+        raise InputError(f"--resume: no checkpoint in {ckpt_dir}; drop --resume to start afresh.")
+    check_writable(lora_path, config.force or config.resume, file=True)
+    check_writable(ckpt_dir, True)  # a file of that name would fail only at the first checkpoint
+    for p in (sidecars(lora_path)["report"], sidecars(lora_path)["preview"]):
         check_writable(p, config.force or config.resume)  # --resume overwrites its own interrupted outputs
 
 
@@ -56,17 +71,25 @@ def train(config: TrainConfig, trainee: Trainee, lora_path: Path, timings: dict)
     """Fit, then write the outputs (the main process only, under data parallelism); Ctrl-C still writes them."""
     from accelerate import PartialState
 
-    state = TrainState()
+    state, ckpt_dir = TrainState(), sidecars(lora_path)["checkpoints"]
     try:
-        fit(config, trainee, state, sidecars(lora_path)["checkpoints"], timings)
+        fit(config, trainee, state, ckpt_dir, timings)
     except KeyboardInterrupt:
         paths = write_outputs(config, trainee, state, lora_path, timings, interrupted=True)
-        raise TrainingInterrupted(
-            f"interrupted at step {state.step}; wrote {paths[0]} (continue with --resume if --save-every was set)."
-        ) from None
+        found = checkpoint.latest(ckpt_dir) if ckpt_dir.is_dir() else None
+        then = f"--resume continues from {found.name}" if found else "no checkpoint to --resume from"
+        raise TrainingInterrupted(f"interrupted at step {state.step}; wrote {paths[0]} ({then}).") from None
     if not PartialState().is_main_process:
         return []
-    return write_outputs(config, trainee, state, lora_path, timings)
+    try:
+        return write_outputs(config, trainee, state, lora_path, timings)
+    except LoratoolError as exc:  # a full disk at the very end: the run must not be lost with it
+        rescue = Path(tempfile.gettempdir()) / f"loratool-rescue-{os.getpid()}" / lora_path.name
+        try:
+            kept = write_outputs(config, trainee, state, rescue, timings)[0]
+        except LoratoolError:
+            raise exc from None
+        raise LoratoolError(f"{exc} The trained LoRA was written to {kept} instead.") from None
 
 
 def fit(config: TrainConfig, trainee: Trainee, state: TrainState, ckpt_dir: Path, timings: dict) -> None:
@@ -84,7 +107,7 @@ def fit(config: TrainConfig, trainee: Trainee, state: TrainState, ckpt_dir: Path
     saved = torch.nn.ModuleDict(modules)  # the unwrapped models: checkpoint names do not depend on DDP
     settings = config.record() | {"data_sha256": trainee.data_sha256}
     main = accelerator.is_main_process
-    if config.resume and checkpoint.latest(ckpt_dir):
+    if config.resume:
         state.__dict__.update(checkpoint.load(ckpt_dir, saved, optimizer, generator, settings).__dict__)
     if state.eval_loss_start is None:
         state.eval_loss_start = eval_loss(unet, trainee, encode)
@@ -98,22 +121,59 @@ def fit(config: TrainConfig, trainee: Trainee, state: TrainState, ckpt_dir: Path
     if checker and not state.checks:
         state.checks.append(checker.check(unet, 0))  # step 0: what the base model renders
     loop_start, first_step = time.perf_counter(), state.step
-    with TrainProgress(config.steps, state.step, disable=not main) as progress:
+    save = functools.partial(checkpoint.save, ckpt_dir, state, saved, optimizer, generator, settings)
+    with TrainProgress(config.steps, state.step, disable=not main) as progress, between_steps() as stop:
         while state.step < config.steps:
             loss = step(generator)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(diverged_message(loss, state.step + 1, ckpt_dir))
             state.step += 1
             state.losses.append(loss)
             if checker and (state.step % config.check_every == 0 or state.step == config.steps):
                 state.checks.append(checker.check(unet, state.step))
             progress.update(state.step, loss, state.checks[-1]["mean_psnr"] if state.checks else None)
-            if main and config.save_every and state.step % config.save_every == 0:
-                checkpoint.save(ckpt_dir, state, saved, optimizer, generator, settings)
+            if main and (stop.asked or (config.save_every and state.step % config.save_every == 0)):
+                save()  # after Ctrl-C too: it waited for the step to end, so the checkpoint is exactly this step
+            if stop.asked:
+                raise KeyboardInterrupt
             if copied(config, state):
                 log.info("copied at step %d: mean PSNR %.2f dB", state.step, state.checks[-1]["mean_psnr"])
                 break
     timings["train_s"] = time.perf_counter() - loop_start
     timings["steps_run"] = state.step - first_step
     timings["eval_loss_end"] = eval_loss(unet, trainee, encode)
+
+
+class _Stop:
+    asked = False
+
+
+@contextlib.contextmanager
+def between_steps():
+    """The first Ctrl-C asks the loop to stop after the current step (so a checkpoint describes one step
+    exactly); a second one stops at once. Only the main thread can hold a signal handler."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(signum, frame):
+        if stop.asked:
+            raise KeyboardInterrupt
+        stop.asked = True
+        log.warning("stopping after this step (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def diverged_message(loss: float, step: int, ckpt_dir: Path) -> str:
+    found = checkpoint.latest(ckpt_dir) if ckpt_dir.is_dir() else None
+    kept = f"the last good checkpoint, {found}, is kept (--resume continues from it)" if found else "nothing was kept"
+    return f"the training loss became {loss} at step {step}, so no LoRA was written; try a lower --lr; {kept}."
 
 
 def make_accelerator(config: TrainConfig, trainee: Trainee):
@@ -195,4 +255,4 @@ def copied(config: TrainConfig, state: TrainState) -> bool:
     return check["mean_psnr"] >= config.copy_target and min(check["psnr"]) >= config.copy_target - MIN_MARGIN_DB
 
 
-__all__ = ["ADAPTER", "TrainingInterrupted", "check_outputs", "preflight", "train"]
+__all__ = ["ADAPTER", "TrainingDiverged", "TrainingInterrupted", "check_outputs", "preflight", "train"]
