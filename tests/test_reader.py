@@ -149,3 +149,14 @@ def test_every_verb_refuses_the_same_bad_file_with_the_same_message(case, cli, f
     assert expected in messages["merge"], messages["merge"]
     assert len(set(messages.values())) == 1, messages
     assert not list(out.iterdir())  # nothing written by any verb
+
+
+def test_checking_against_a_folder_keeps_its_token_ids(tiny_models):
+    """The meta text encoders carry the folder's token ids: CLIP's defaults (49406/49407) lie outside a
+    small vocabulary and transformers warns on stderr about them (a library warning in a normal run)."""
+    from loratool.sdxl.reference import meta_components
+
+    _, te1, te2 = meta_components(str(tiny_models / "base"))
+    for encoder in (te1, te2):
+        config = encoder.config
+        assert 0 <= config.bos_token_id < config.vocab_size and 0 <= config.eos_token_id < config.vocab_size

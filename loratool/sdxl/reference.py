@@ -150,6 +150,8 @@ def meta_components(source: str | None):
     for sub, projection in (("text_encoder", False), ("text_encoder_2", True)):
         path = root / sub / "config.json"
         config = json.loads(path.read_text()) if path.is_file() else None
-        keep = {k: config[k] for k in TEXT_ENCODER if config and k in config}
+        # the token ids too: CLIP's defaults lie outside a small vocabulary and transformers warns about it
+        names = (*TEXT_ENCODER, "bos_token_id", "eos_token_id", "pad_token_id")
+        keep = {k: config[k] for k in names if config and k in config}
         encoders.append(meta_text_encoder(keep, projection) if config else None)
     return unet, *encoders
