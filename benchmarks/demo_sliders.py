@@ -1,6 +1,7 @@
 """Slider quality on the demo model, per concept: one JSON line.
 
     python benchmarks/demo_sliders.py --concepts size,colour,position --seeds 8 [--recipe 2] [--pair-seed 0]
+        [--keep DIR]      # keep the sweeps and sheets to look at
         [--weights DIR]   # another demo model (base/, refiner/), e.g. the previous version as a baseline
 
 Runs `loratool demo` (copy both images, merge A:+1 B:-1 for recipe 2) for each concept on its pair, sweeps
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--recipe", type=int, default=2)
     p.add_argument("--pair-seed", type=int, default=0)
     p.add_argument("--weights", type=Path, default=None, help="demo model folder to use instead of the shipped one")
+    p.add_argument("--keep", type=Path, default=None, help="keep the sweeps and sheets here (default: a temp dir)")
     a = p.parse_args()
     import torch
 
@@ -61,9 +63,9 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = list(range(a.seeds))
     with tempfile.TemporaryDirectory() as tmp:
-        result = {
-            c: run_concept(c, seeds, a.recipe, a.pair_seed, Path(tmp)) for c in a.concepts.split(",") if c.strip()
-        }
+        root = a.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        result = {c: run_concept(c, seeds, a.recipe, a.pair_seed, root) for c in a.concepts.split(",") if c.strip()}
     weights = str(a.weights) if a.weights else "shipped"
     print(json.dumps({"benchmark": "demo_sliders", "weights": weights, "recipe": a.recipe, "seeds": a.seeds,
                       "concepts": result}))  # fmt: skip

@@ -24,9 +24,10 @@ minus.save(f"{sys.argv[1]}/minus.png")
 PY
 
 # Two copies with identical settings → $OUT/size_a.safetensors (plus) and $OUT/size_b.safetensors (minus).
-# --pure-noise 0.25: the copy renders its image from any seed, not the seed's colours.
+# Copy mode's defaults (lr 1e-3, offset noise, a quarter of the steps from pure noise) make the copy render
+# its image from any seed, not the seed's colours.
 $LORATOOL train --pair "$OUT/plus.png" "$OUT/minus.png" -o "$OUT/size" --model demo --resolution 128 \
-    --rank 8 --alpha 8 --lr 1e-3 --steps "$STEPS" --pure-noise 0.25 --check-every 0 --force
+    --rank 8 --alpha 8 --steps "$STEPS" --check-every 0 --force
 
 # The slider: plus at +1, minus at -1, re-factored exactly.
 $LORATOOL merge "$OUT/size_a.safetensors:1" "$OUT/size_b.safetensors:-1" -o "$OUT/size_slider.safetensors" --force

@@ -177,22 +177,23 @@ def test_pair_trains_both_images_and_a_reachable_copy_target_stops_early(tiny_mo
     for tag in ("a", "b"):
         assert str(tmp_path / f"slider_{tag}.safetensors") in stdout
         report = json.loads((tmp_path / f"slider_{tag}.report.json").read_text())
-        assert report["steps_done"] == 2 and report["stopped_early"]
+        assert report["steps_done"] == 4 and report["stopped_early"]  # two checks in a row: 2 and 4
 
 
-def test_train_until_copied_stops_at_the_first_check_that_reaches_the_target(tiny_models, image, tmp_path):
-    """A high-lr run with a low target stops before its budget, and its LoRA and report say where and why."""
+def test_train_until_copied_stops_at_the_second_check_in_a_row_that_reaches_the_target(tiny_models, image, tmp_path):
+    """A high-lr run with a low target stops before its budget, once two checks in a row after step 0 reach
+    it (the untrained step-0 check reaches 5 dB too and does not count), and its LoRA and report say so."""
     out = tmp_path / "early.safetensors"
     paths = run(_config(tiny_models, image, out, lr=1e-2, steps=40, check_every=10, copy_target=5.0))
     assert out in paths
     report = json.loads(out.with_name("early.report.json").read_text())
     copy = report["copy"]
-    assert report["steps_done"] == 10 < 40 and report["stopped_early"]
-    assert copy["copied"] and copy["stopped_at"] == 10 and copy["stopped_because"] == "copied"
-    assert [c["step"] for c in copy["curve"]] == [0, 10] and copy["target_db"] == 5.0
+    assert report["steps_done"] == 20 < 40 and report["stopped_early"]
+    assert copy["copied"] and copy["stopped_at"] == 20 and copy["stopped_because"] == "copied"
+    assert [c["step"] for c in copy["curve"]] == [0, 10, 20] and copy["target_db"] == 5.0
     assert all(c["mean_psnr"] >= c["min_psnr"] > 1 for c in copy["curve"])
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["loratool_steps"] == "10"
+        assert f.metadata()["loratool_steps"] == "20"
 
 
 def test_an_unreachable_copy_target_uses_the_whole_budget(tiny_models, image, tmp_path, caplog):
@@ -217,6 +218,20 @@ def test_stop_when_copied_is_on_by_default_and_reads_older_configs():
     assert TrainConfig(images=["a.png"], stop_when_copied=None).stop_when_copied is False
     assert not TrainConfig(images=["a.png"], check_every=0).stop_when_copied  # nothing to stop on
     assert not DreamboothConfig(images=["d"], prompt="sks").stop_when_copied
+
+
+def test_copy_and_slider_mode_default_to_the_measured_copy_settings_and_the_others_do_not():
+    """lr 1e-3, offset noise 0.2, a quarter from pure noise (benchmarks/copies.py); dreambooth keeps 1e-4, no
+    offset, no pure noise; a value given wins, and the record holds the values used, never None."""
+    from loratool.train.config import DreamboothConfig, SliderConfig
+
+    for config in (TrainConfig(images=["a.png"]), SliderConfig(images=["a.png", "b.png"])):
+        assert (config.lr, config.noise_offset, config.pure_noise) == (1e-3, 0.2, 0.25)
+        assert config.record()["lr"] == 1e-3 and config.record()["noise_offset"] == 0.2
+    booth = DreamboothConfig(images=["d"], prompt="sks")
+    assert (booth.lr, booth.noise_offset, booth.pure_noise) == (1e-4, 0.0, 0.0)
+    given = TrainConfig(images=["a.png"], lr=5e-4, noise_offset=0.0, pure_noise=0.0)
+    assert (given.lr, given.noise_offset, given.pure_noise) == (5e-4, 0.0, 0.0)
 
 
 def test_resolution_defaults_to_the_models_native_size(tiny_models, image, tmp_path):

@@ -33,8 +33,6 @@ class DemoConfig:
     pair_seed: int = option(0, "Which pair of the concept (drawn from this seed).")
     steps: int = option(300, "Training steps per LoRA (the budget; copies stop once copied).")
     rank: int = 8
-    lr: float = 1e-3
-    pure_noise: float = 0.25  # without it the seed's noise picks the copy's colour (see train.loss)
     sample_steps: int = 20
     prompt: str | None = option(None, "Prompt of the sweep (default: the pair's scene minus the concept).")
     force: bool = option(False, "Overwrite existing outputs.")
@@ -88,8 +86,6 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
         rank=config.rank,
         alpha=float(config.rank),
         steps=config.steps,
-        lr=config.lr,
-        pure_noise=config.pure_noise,
         resolution=128,
         check_every=max(1, config.steps // 3),
         check_seeds=2,
