@@ -42,7 +42,8 @@ def test_pair_differs_in_exactly_one_attribute(concept, seed):
     lo, hi = shapes.measure(img_a, concept), shapes.measure(img_b, concept)
     gap = abs(shapes.hue_difference(lo, hi)) if concept == "colour" else abs(hi - lo)
     assert gap > {"size": 400, "colour": 80, "position": 35}[concept], (concept, lo, hi)
-    assert shapes.progress(lo, concept, lo, hi) == 0.0 and shapes.progress(hi, concept, lo, hi) == 1.0
+    assert shapes.progress(lo, concept, lo, hi) == pytest.approx(0.0, abs=1e-12)
+    assert shapes.progress(hi, concept, lo, hi) == pytest.approx(1.0)
 
 
 def test_pairs_go_both_ways_and_vary_the_scene():
@@ -61,6 +62,18 @@ def test_progress_is_zero_at_minus_one_at_plus_and_linear_between(value):
     assert shapes.progress(90 - value * 40, "position", 90, 50) == pytest.approx(value)
     # hue along the shorter arc: red (0) → purple (280) passes through 320, not through green
     assert shapes.progress((0 - value * 80) % 360, "colour", 0.0, 280.0) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("arc", [-170.0, -147.0, -90.0, 90.0, 147.0, 179.0])
+@pytest.mark.parametrize("value", [-0.6, -0.2, 0.0, 0.5, 1.0, 1.2, 1.55])
+def test_hue_progress_counts_past_either_end_on_a_wide_arc(arc, value):
+    """A hue just past plus is past plus (> 1), not far behind minus: within half a circle of the midpoint."""
+    if abs(value - 0.5) * abs(arc) >= 180:
+        return  # beyond half a circle from the midpoint the nearer end of the other way is the reading
+    for minus in (0.0, 100.0, 280.0):
+        assert shapes.progress((minus + value * arc) % 360, "colour", minus, (minus + arc) % 360) == pytest.approx(
+            value
+        )
 
 
 def test_captions_use_only_single_token_words():

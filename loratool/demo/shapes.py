@@ -252,9 +252,14 @@ def measure(image: Image.Image | np.ndarray, concept: str) -> float:
 
 
 def progress(value: float, concept: str, minus: float, plus: float) -> float:
-    """Where a measured value lies from the pair's minus (0) to its plus (1); hue along the pair's shorter arc."""
+    """Where a measured value lies from the pair's minus (0) to its plus (1); hue along the pair's shorter arc.
+
+    A hue is read as the turn from minus that lies within half a circle of the arc's midpoint: on a 147° arc,
+    a hue 54° past plus is progress 1.37, not −1.08 (the shorter turn from minus would go the other way)."""
     if concept == "colour":
-        return hue_difference(minus, value) / hue_difference(minus, plus)
+        arc = hue_difference(minus, plus)
+        turn = (value - minus - arc / 2 + 180.0) % 360.0 - 180.0 + arc / 2
+        return turn / arc
     return (value - minus) / (plus - minus)
 
 
