@@ -26,7 +26,7 @@ NOT_OPTIONS = {
     "sample": {"scales", "switch"},
     "merge": {"inputs", "extra"},
     # the demo's fixed recipe settings (a lab, not a tool): Python API only
-    "demo": {"scales", "rank", "lr", "pure_noise", "sample_steps"},
+    "demo": {"scales", "rank", "sample_steps"},
 }
 CLASSES = {
     "train": (TrainConfig, DreamboothConfig),
