@@ -108,6 +108,41 @@ def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(size
     assert with_lora - without >= 6.0, (with_lora, without)
 
 
+@pytest.mark.parametrize("index", range(3))
+def test_copy_mode_defaults_copy_unseen_scenes_in_their_own_colour_from_any_seed(index, tmp_path):
+    """Copy mode with nothing but the model and a 600-step budget, on random scenes no test or benchmark tuned
+    to (draw seed 4242): every seed renders the image's colour and the copy stops once it holds. The colour is
+    the one the demo VAE gives the image back (it bends some hues by up to ~30°, e.g. this orange to red): a
+    copy can draw what the VAE can decode, no more."""
+    from loratool.demo import shapes
+    from loratool.train import TrainConfig, run
+
+    image, lora = tmp_path / "scene.png", tmp_path / "copy.safetensors"
+    shapes.render(shapes.scene_for(4242, index, drop_words=False)).save(image)
+    run(TrainConfig(images=[image], output=lora, model="demo", steps=600))
+    report = json.loads((tmp_path / "copy.report.json").read_text())
+    renders = _renders(lora, tmp_path / "renders", [0.0, 1.0])
+    target, hue = _tensor(image), shapes.describe(_through_vae(image)).hue
+    values = [psnr(_tensor(renders[seed, 1.0]), target).item() for seed in SEEDS]
+    without = np.mean([psnr(_tensor(renders[seed, 0.0]), target).item() for seed in SEEDS])
+    seen = [shapes.describe(Image.open(renders[seed, 1.0])).hue for seed in SEEDS]
+    assert all(h is not None and abs(shapes.hue_difference(hue, h)) <= 30 for h in seen), (hue, seen)
+    assert np.mean(values) >= 22.0 and min(values) >= 17.0, (values, without, report["copy"]["curve"])
+    assert np.mean(values) - without >= 6.0 and report["copy"]["copied"], (values, without)
+
+
+def _through_vae(path):
+    from diffusers import AutoencoderKL
+
+    from loratool.sdxl.models import DEMO_WEIGHTS
+
+    vae = AutoencoderKL.from_pretrained(str(DEMO_WEIGHTS / "base" / "vae"))
+    x = _tensor(path)[None] * 2 - 1
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
+    return Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+
+
 def _check_slider(summary):
     quality = summary["slider_quality"]
     got = quality["summary"]
