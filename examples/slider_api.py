@@ -26,7 +26,7 @@ def main(out: Path, steps: int, sample_steps: int) -> list[Path]:
         resolution=128,
         rank=8,
         alpha=8.0,
-        steps=steps,  # copy mode's defaults: lr 1e-3, noise offset 0.1, a quarter of the steps from pure noise
+        steps=steps,  # copy mode's defaults: lr 1e-3, noise offset 0.2, a quarter of the steps from pure noise
         check_every=0,
         force=True,
     )

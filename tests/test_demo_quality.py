@@ -134,13 +134,12 @@ def test_copy_mode_defaults_copy_unseen_scenes_in_their_own_colour_from_any_seed
 def _through_vae(path):
     from diffusers import AutoencoderKL
 
+    from loratool.demo.vae import round_trip
     from loratool.sdxl.models import DEMO_WEIGHTS
 
     vae = AutoencoderKL.from_pretrained(str(DEMO_WEIGHTS / "base" / "vae"))
-    x = _tensor(path)[None] * 2 - 1
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
-    return Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+    y = round_trip(vae, _tensor(path)[None] * 2 - 1)[0]
+    return Image.fromarray(((y.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
 
 
 def _check_slider(summary):

@@ -109,12 +109,18 @@ def normalise_latents(vae, images: torch.Tensor) -> tuple[list[float], list[floa
 
 
 @torch.no_grad()
+def round_trip(vae, x: torch.Tensor) -> torch.Tensor:
+    """decode(encode(x)) through the posterior mode, in [-1, 1]: what any model on this VAE can draw of x."""
+    return vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+
+
+@torch.no_grad()
 def psnr(vae, images: torch.Tensor, batch: int = 128) -> float:
     """Reconstruction PSNR (dB) through the posterior mode, on the [0, 1] pixel scale."""
     errors = []
     for i in range(0, len(images), batch):
         x = to_float(images[i : i + batch])
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        rec = round_trip(vae, x)
         errors.append(((rec - x) / 2).pow(2).mean(dim=(1, 2, 3)))
     mse = torch.cat(errors).mean().item()
     return 10 * math.log10(1.0 / max(mse, 1e-12))

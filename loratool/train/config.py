@@ -125,12 +125,13 @@ class TrainConfig:
         for spec in self.base_lora_weights():  # now, so a typo fails before any model loads
             check_file(spec.path)
 
+    MODE_DEFAULTS = {"lr": COPY_LR, "noise_offset": COPY_NOISE_OFFSET}  # a class constant, not a field
+
     def apply_mode_defaults(self) -> None:
         """Unset learning rate and noise offset take this mode's defaults, so outputs record the values used."""
-        if self.lr is None:
-            self.lr = COPY_LR
-        if self.noise_offset is None:
-            self.noise_offset = COPY_NOISE_OFFSET
+        for name, value in self.MODE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def check_inputs(self) -> None:
         wanted = 2 if self.pair else 1
@@ -202,12 +203,7 @@ class DreamboothConfig(TrainConfig):
     check_every: int | None = 0
     stop_when_copied: bool | float | None = False
     pure_noise: float = 0.0
-
-    def apply_mode_defaults(self) -> None:
-        if self.lr is None:
-            self.lr = 1e-4
-        if self.noise_offset is None:
-            self.noise_offset = 0.0
+    MODE_DEFAULTS = {"lr": 1e-4, "noise_offset": 0.0}
 
     def check_inputs(self) -> None:
         if self.mode not in BOOTH:
