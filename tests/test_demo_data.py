@@ -178,3 +178,12 @@ def test_tiny_build_is_deterministic(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
         assert all(t.dtype == torch.float16 for t in a.values()), f
     assert report["base_steps"] == report["refiner_steps"] == 3 and np.isfinite(report["vae_psnr_db"])
+
+
+def test_a_stage_of_zero_steps_is_skipped_and_others_end_on_their_count():
+    """`--steps 0,N,M` fine-tunes the UNets and keeps the VAE: its stage runs no step (it once ran one)."""
+    from loratool.demo.schedule import Budget
+
+    assert Budget(steps=0).done(0)
+    assert not Budget(steps=3).done(2) and Budget(steps=3).done(3)
+    assert 0.0 < Budget(steps=10, warmup=1).lr_factor(9) < Budget(steps=10, warmup=1).lr_factor(1) <= 1.0

@@ -22,8 +22,8 @@ class Budget:
     start: float = field(default_factory=time.perf_counter)
 
     def progress(self, step: int) -> float:
-        if self.steps is not None:
-            return step / max(self.steps, 1)
+        if self.steps is not None:  # 0 steps: the stage is skipped (a fine-tune that keeps the VAE)
+            return step / self.steps if self.steps else 1.0
         return (time.perf_counter() - self.start) / self.seconds
 
     def done(self, step: int) -> bool:
