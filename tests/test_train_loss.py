@@ -65,3 +65,16 @@ def tiny_unet_batch(tiny_models):
         pooled=torch.randn(2, pooled_dim, generator=gen),
     )
     return unet, batch
+
+
+def test_the_text_slider_target_is_linear_in_the_scale_and_the_base_at_zero():
+    from loratool.train.loss import guided_target
+
+    gen = torch.Generator().manual_seed(3)
+    base, plus, minus = (torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    at = {s: guided_target(base, plus, minus, s, 2.5) for s in (-1.0, -0.5, 0.0, 0.5, 1.0)}
+    assert torch.equal(at[0.0], base)
+    assert torch.allclose(at[1.0] + at[-1.0], 2 * base)  # mirror images around the base
+    assert torch.allclose(at[0.5] - at[-0.5], 2.5 * (plus - minus))  # one unit of scale: strength × direction
+    assert torch.allclose(at[1.0] - at[0.5], at[0.5] - at[0.0])  # even steps: a glide is what it is asked for
+    assert torch.equal(guided_target(base, plus, plus, 1.0, 2.5), base)  # the same prompt twice: nothing to learn

@@ -1,7 +1,8 @@
 """`loratool demo`: the whole copy-machine → slider workflow on the embedded demo model, offline, in minutes.
 
 A concept pair (two scenes that differ in one attribute) → a slider (recipe 2: two copy-machine LoRAs merged
-A:+1 B:−1; recipe 1: B's image trained on top of A folded in; recipe 3: one LoRA trained on the pair) → a −1..1
+A:+1 B:−1; recipe 1: B's image trained on top of A folded in; recipe 3: one LoRA trained on the pair; recipe 4:
+a text slider from the pair's two captions) → a −1..1
 sweep through base + refiner → the attribute measured on every render (demo.evaluation), to show that the
 slider really slides, and what else it changed.
 """
@@ -27,7 +28,11 @@ class DemoConfig:
 
     output: Path = option(Path("demo-out"), "Output folder.", "-o", "--output")
     concept: str = option("size", "size | colour | position")
-    recipe: int = option(2, "2: copy both, merge A:1 B:-1. 1: train A on B folded in. 3: one LoRA on the pair.")
+    recipe: int = option(
+        2,
+        "2: copy both, merge A:1 B:-1. 1: train A on B folded in. 3: one LoRA on the pair. "
+        "4: a text slider from the pair's two captions (no images).",
+    )
     seeds: list[int] = option([0, 1, 2, 3], "Comma-separated seeds of the sweep.", cli_type=str)
     scales: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0])
     pair_seed: int = option(0, "Which pair of the concept (drawn from this seed).")
@@ -43,10 +48,10 @@ class DemoConfig:
             self.seeds = parse_seeds(self.seeds)
         if self.concept not in CONCEPTS:
             raise InputError(f"--concept must be one of {', '.join(CONCEPTS)}, not {self.concept!r}.")
-        if self.recipe not in (1, 2, 3):
+        if self.recipe not in (1, 2, 3, 4):
             raise InputError(
-                f"--recipe must be 1 (merge-then-train), 2 (train both, subtract) or 3 (one slider on the pair), "
-                f"not {self.recipe}."
+                f"--recipe must be 1 (merge-then-train), 2 (train both, subtract), 3 (one slider on the pair) or "
+                f"4 (a text slider from the pair's captions), not {self.recipe}."
             )
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, not {self.steps}.")
@@ -97,12 +102,37 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
     return output
 
 
+def _text_slider(config: DemoConfig, output: Path) -> Path:
+    """Recipe 4: +1 is the plus image's full caption, −1 the minus image's, trained in the sweep's prompt."""
+    from loratool import train
+    from loratool.demo.shapes import concept_pair
+
+    _, _, minus, plus = concept_pair(config.concept, config.pair_seed)
+    settings = train.SliderConfig(
+        images=[],
+        output=output,
+        model="demo",
+        positive=plus.caption,
+        negative=minus.caption,
+        target=config.sweep_prompt(),
+        rank=config.rank,
+        alpha=float(config.rank),
+        steps=config.steps,
+        resolution=128,
+        force=config.force,
+    )
+    train.run(settings)
+    return output
+
+
 def make_slider(config: DemoConfig, plus: Path, minus: Path) -> Path:
     """Recipe 2: copy-train both, slider = plus·(+1) + minus·(−1). Recipe 1: plus trained on minus folded in.
-    Recipe 3: one LoRA trained on the pair (train --mode slider)."""
+    Recipe 3: one LoRA trained on the pair (train --mode slider). Recipe 4: a text slider (see _text_slider)."""
     from loratool import merge
 
     out = config.output
+    if config.recipe == 4:
+        return _text_slider(config, out / "slider.safetensors")
     if config.recipe == 3:
         return _train(config, [plus, minus], out / "slider.safetensors")
     if config.recipe == 1:
@@ -192,7 +222,7 @@ def describe(summary_path: Path) -> list[str]:
     q = summary["slider_quality"]["summary"]
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
-        "copy checks: " + ", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()),
+        "copy checks: " + (", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()) or "none (no copies)"),
         f"slider: {summary['slider']}  (swept in the prompt {summary['sweep_prompt']!r})",
         f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
         f"{summary['config']['concept']} vs scale over {len(summary['config']['seeds'])} seeds: mean Spearman "

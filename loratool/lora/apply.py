@@ -82,6 +82,21 @@ def scaled(model, adapter: str, scale: float) -> Iterator[None]:
         set_scale(model, adapter, 1.0)
 
 
+@contextmanager
+def adapters_off(model) -> Iterator[None]:
+    """Every peft adapter of `model` off inside the block (the base model's own prediction), on again after."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 def network_from_peft(model, component: str, adapter: str) -> LoraNetwork:
     """Read a peft adapter's factors and alphas out of a live model (a copy, on CPU, float32)."""
     network = LoraNetwork()

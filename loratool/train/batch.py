@@ -15,6 +15,16 @@ from dataclasses import dataclass, field, replace
 import torch
 
 
+@dataclass(frozen=True)
+class Guide:
+    """A text slider's target: the base's own noise estimate in the batch's prompt, plus lora_scale × strength ×
+    (its estimate with `plus` − with `minus`), each a (prompt_embeds (1, 77, D), pooled (1, P)) pair."""
+
+    plus: tuple[torch.Tensor, torch.Tensor]
+    minus: tuple[torch.Tensor, torch.Tensor]
+    strength: float
+
+
 @dataclass
 class Batch:
     latents: torch.Tensor  # (B, 4, h/8, w/8), times the VAE's scaling factor
@@ -24,6 +34,7 @@ class Batch:
     pooled: torch.Tensor | None = None
     prior: bool = False  # a class-image batch (prior preservation)
     lora_scale: float = 1.0  # the LoRA's scale while this batch trains (slider mode: +1 or −1)
+    guide: Guide | None = None  # a text slider's batch: the target is the guided base estimate, not the noise
 
     def shard(self, index: int, count: int) -> Batch:
         """Rows index, index + count, …: this process's share of a global batch."""
@@ -33,7 +44,7 @@ class Batch:
         embeds = None if self.prompt_embeds is None else self.prompt_embeds[rows]
         pooled = None if self.pooled is None else self.pooled[rows]
         latents, time_ids, captions = self.latents[rows], self.time_ids[rows], self.captions[rows]
-        return Batch(latents, time_ids, captions, embeds, pooled, self.prior, self.lora_scale)
+        return Batch(latents, time_ids, captions, embeds, pooled, self.prior, self.lora_scale, self.guide)
 
 
 class OneBatch:
@@ -65,6 +76,35 @@ class PairBatches:
 
     def eval_batches(self) -> list[Batch]:
         return self.batches
+
+
+class RenderBatches:
+    """A text slider: per step, `size` of the base's own renders, in each context prompt at LoRA scale +1 and −1,
+    all from the same noise and timestep; the batches' `guide` says what each scale should predict.
+
+    `renders` holds the latents (its prompt fields unused); `contexts` are (caption, embeds (1, 77, D), pooled).
+    """
+
+    same_noise = True
+
+    def __init__(self, renders: Batch, contexts: list[tuple], guide: Guide, size: int) -> None:
+        self.renders, self.contexts, self.guide, self.size = renders, contexts, guide, size
+
+    def _rows(self, rows: list[int]) -> list[Batch]:
+        r, n = self.renders, len(rows)
+        batches = []
+        for caption, embeds, pooled in self.contexts:
+            batch = Batch(r.latents[rows], r.time_ids.expand(n, -1), [caption] * n, embeds.expand(n, -1, -1),
+                          pooled.expand(n, -1))  # fmt: skip
+            batches += [replace(batch, lora_scale=s, guide=self.guide) for s in (1.0, -1.0)]
+        return batches
+
+    def draw(self, generator: torch.Generator) -> list[Batch]:
+        n = self.renders.latents.shape[0]
+        return self._rows(torch.randint(n, (self.size,), generator=generator, device=generator.device).tolist())
+
+    def eval_batches(self) -> list[Batch]:
+        return self._rows(list(range(min(self.size, self.renders.latents.shape[0]))))
 
 
 @dataclass

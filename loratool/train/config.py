@@ -16,6 +16,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 QUANTIZATIONS = ("nf4", "int8")
 MODES = ("copy", "slider", "dreambooth", "wrong")
 COPY, BOOTH = ("copy", "slider"), ("dreambooth", "wrong")  # slider mode is copy mode on a pair: same options
+TEXT = ("slider",)  # a text slider (--positive/--negative) is slider mode without images
 # 22 dB mean PSNR: an RMS error of 8 % of the range. Measured on the demo, copies whose colour follows the seed
 # sit at 13–16 dB and right copies at 22–28 dB; the VAE alone reaches about 30 (report: vae_psnr).
 COPY_TARGET_DB = 22.0
@@ -166,11 +167,45 @@ class SliderConfig(TrainConfig):
     apply (the copy check renders +1 against A and −1 against B)."""
 
     mode: str = "slider"
+    positive: str | None = option(
+        None, "Text slider: the +1 end as a prompt, e.g. 'a large circle' (with --negative; no images).", modes=TEXT
+    )
+    negative: str | None = option(None, "Text slider: the −1 end as a prompt, e.g. 'a small circle'.", modes=TEXT)
+    target: str = option("", "Text slider: the prompt it is trained (and meant to be used) in, e.g. 'a circle'.",
+                         modes=TEXT)  # fmt: skip
+    strength: float = option(1.0, "Text slider: ±1 adds ± this × (positive − negative) to the noise estimate.",
+                             modes=TEXT)  # fmt: skip
+    renders: int = option(16, "Text slider: base renders of --target whose noised latents it trains on.", modes=TEXT)
+
+    @property
+    def text(self) -> bool:
+        """A text slider (Concept Sliders' way: from two prompts), not one trained on a pair of images."""
+        return self.positive is not None or self.negative is not None
+
+    def apply_mode_defaults(self) -> None:
+        """A text slider trains on the base's own renders toward the model's own text direction: copy mode's
+        pure noise and offset noise (remedies for copying a colour from the seed) do not apply."""
+        if self.text:
+            self.noise_offset = 0.0 if self.noise_offset is None else self.noise_offset
+            self.pure_noise, self.check_every, self.stop_when_copied = 0.0, 0, False
+        super().apply_mode_defaults()
 
     def check_inputs(self) -> None:
+        if self.text:
+            if not (self.positive or "").strip() or not (self.negative or "").strip():
+                raise InputError("a text slider needs both --positive and --negative, e.g. 'a large circle'.")
+            if self.images:
+                raise InputError("a text slider is trained from --positive/--negative: drop the images (or --pair).")
+            if self.positive == self.negative:
+                raise InputError("--positive and --negative are the same prompt: the slider would learn nothing.")
+            if not 0 < self.strength <= 20:
+                raise InputError(f"--strength must be in (0, 20], not {self.strength}.")
+            _in_range("--renders", self.renders, 1, 10_000)
+            return
         if len(self.images) != 2:
             raise InputError(
-                f"--mode slider trains on a pair: --pair A.png B.png (+1 → A, −1 → B), got {len(self.images)} images."
+                f"--mode slider trains on a pair: --pair A.png B.png (+1 → A, −1 → B), got {len(self.images)} images;"
+                " or from two prompts: --positive P --negative N."
             )
         self.pair = True
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from loratool.train.batch import Batch
+from loratool.lora.apply import adapters_off
+from loratool.train.batch import Batch, Guide
 
 Encoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # captions → (prompt_embeds, pooled)
 # SDXL samplers ("leading" spacing) take their first step at t ≈ 860–980 for 8–50 steps, from pure noise.
@@ -53,11 +54,40 @@ def sample_losses(
     noisy, noise = from_pure_noise(sched, batch.latents, noise, t, pure)
     cond = {"text_embeds": pooled, "time_ids": batch.time_ids}
     pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(batch.latents, noise, t)
+    if batch.guide is not None:
+        target = text_slider_target(unet, noisy, t, embeds, cond, batch.guide, batch.lora_scale)
+    elif sched.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = sched.get_velocity(batch.latents, noise, t)
     losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         losses = losses * min_snr_weight(sched, t, min_snr_gamma)
     return losses
+
+
+def guided_target(base: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor, scale: float, strength: float):
+    """Concept Sliders' target (Gandikota et al. 2023): the base estimate moved scale × strength along the text
+    direction plus − minus. Linear in the scale, so ±s are mirror images around the base and 0 is the base."""
+    return base + (scale * strength) * (plus - minus)
+
+
+@torch.no_grad()
+def text_slider_target(unet, noisy, t, embeds, cond: dict, guide: Guide, scale: float) -> torch.Tensor:
+    """The base model's (LoRA off) estimates in the batch's prompt and in the guide's two prompts, one UNet call
+    of three batches, combined by `guided_target`. Whatever the model predicts (noise or velocity), the same."""
+    n = noisy.shape[0]
+    texts = [(embeds, cond["text_embeds"])]
+    texts += [(e.expand(n, -1, -1), p.expand(n, -1)) for e, p in (guide.plus, guide.minus)]
+    hidden = torch.cat([e.to(embeds.dtype) for e, _ in texts])
+    added = {
+        "text_embeds": torch.cat([p.to(embeds.dtype) for _, p in texts]),
+        "time_ids": cond["time_ids"].repeat(3, 1),
+    }
+    with adapters_off(unet):
+        out = unet(noisy.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+    base, plus, minus = out.chunk(3)
+    return guided_target(base, plus, minus, scale, guide.strength)
 
 
 def from_pure_noise(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, pure: torch.Tensor):
