@@ -4,8 +4,9 @@
         [--keep DIR]      # keep the sweeps and sheets to look at
         [--weights DIR]   # another demo model (base/, refiner/), e.g. the previous version as a baseline
 
-Runs `loratool demo` (copy both images, merge A:+1 B:-1 for recipe 2) for each concept on its pair, sweeps
--1..1 in five scales in the pair's scene minus the concept's words, and reports what demo.evaluation
+Runs `loratool demo` (copy both images, merge A:+1 B:-1 for recipe 2; recipe 4 trains a text slider from the
+pair's two captions) for each concept on its pair, sweeps -1..1 in five scales in the pair's scene minus the
+concept's words, and reports what demo.evaluation
 measures (mean Spearman, mean largest-jump share, span of the pair's difference, other attributes kept),
 the copy checks and the wall time of each concept, beside the empty-prompt sweep of the same slider.
 """
