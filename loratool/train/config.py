@@ -164,7 +164,10 @@ class TrainConfig:
 class SliderConfig(TrainConfig):
     """Slider mode (recipe 3): ONE LoRA trained on a pair, so that at scale +1 the base renders image A from the
     empty prompt and at −1 image B; both halves of a step see the same noise and timestep. Copy mode's options
-    apply (the copy check renders +1 against A and −1 against B)."""
+    apply (the copy check renders +1 against A and −1 against B).
+
+    With --positive/--negative instead of images it is a text slider (recipe 4, train.slider): no images, no
+    copy check, no pure or offset noise."""
 
     mode: str = "slider"
     positive: str | None = option(
