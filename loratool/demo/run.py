@@ -103,7 +103,8 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
 
 
 def _text_slider(config: DemoConfig, output: Path) -> Path:
-    """Recipe 4: +1 is the plus image's full caption, −1 the minus image's, trained in the sweep's prompt."""
+    """Recipe 4: +1 is the plus image's full caption, −1 the minus image's, trained in the sweep's prompt (and the
+    empty one, as every text slider is)."""
     from loratool import train
     from loratool.demo.shapes import concept_pair
 

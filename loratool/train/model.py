@@ -17,7 +17,7 @@ from loratool.errors import ModelSourceError
 from loratool.lora.apply import fold_network
 from loratool.lora.network import COMPONENT_MODELS
 from loratool.sdxl.index import ModelIndex, read
-from loratool.train.batch import BucketSource, OneBatch, PairBatches
+from loratool.train.batch import BucketSource, OneBatch, PairBatches, RenderBatches
 from loratool.train.check import CopyChecker
 from loratool.train.config import TrainConfig
 from loratool.train.text import TextEncoders
@@ -31,7 +31,7 @@ ADAPTER = "copy"  # not "A"/"B": peft matches adapter names inside keys, and tho
 class Trainee:
     unet: object
     noise_scheduler: object  # DDPM: add_noise / get_velocity with the model's training schedule
-    source: OneBatch | PairBatches | BucketSource  # the batches of each step
+    source: OneBatch | PairBatches | BucketSource | RenderBatches  # the batches of each step
     keymap: object  # built before peft wraps the modules
     device: torch.device
     data_sha256: str  # what was trained on: the image (copy) or the whole dataset (dreambooth)
