@@ -82,29 +82,30 @@ class RenderBatches:
     """A text slider: per step, `size` of the base's own renders, in each context prompt at LoRA scale +1 and −1,
     all from the same noise and timestep; the batches' `guide` says what each scale should predict.
 
-    `renders` holds the latents (its prompt fields unused); `contexts` are (caption, embeds (1, 77, D), pooled).
+    `latents` (N, 4, h/8, w/8) are the renders, `time_ids` (1, 6) theirs; `contexts` are (caption, embeds
+    (1, 77, D), pooled) triples.
     """
 
     same_noise = True
 
-    def __init__(self, renders: Batch, contexts: list[tuple], guide: Guide, size: int) -> None:
-        self.renders, self.contexts, self.guide, self.size = renders, contexts, guide, size
+    def __init__(self, latents: torch.Tensor, time_ids: torch.Tensor, contexts: list[tuple], guide: Guide,
+                 size: int) -> None:  # fmt: skip
+        self.latents, self.time_ids, self.contexts, self.guide, self.size = latents, time_ids, contexts, guide, size
 
     def _rows(self, rows: list[int]) -> list[Batch]:
-        r, n = self.renders, len(rows)
-        batches = []
+        n, batches = len(rows), []
         for caption, embeds, pooled in self.contexts:
-            batch = Batch(r.latents[rows], r.time_ids.expand(n, -1), [caption] * n, embeds.expand(n, -1, -1),
+            batch = Batch(self.latents[rows], self.time_ids.expand(n, -1), [caption] * n, embeds.expand(n, -1, -1),
                           pooled.expand(n, -1))  # fmt: skip
             batches += [replace(batch, lora_scale=s, guide=self.guide) for s in (1.0, -1.0)]
         return batches
 
     def draw(self, generator: torch.Generator) -> list[Batch]:
-        n = self.renders.latents.shape[0]
+        n = self.latents.shape[0]
         return self._rows(torch.randint(n, (self.size,), generator=generator, device=generator.device).tolist())
 
     def eval_batches(self) -> list[Batch]:
-        return self._rows(list(range(min(self.size, self.renders.latents.shape[0]))))
+        return self._rows(list(range(min(self.size, self.latents.shape[0]))))
 
 
 @dataclass

@@ -103,14 +103,13 @@ def trainee_from_prompts(pipe, config: SliderConfig) -> Trainee:
     inject_lora(pipe.unet, config)
     size = config.resolution
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=latents.device)
-    renders = Batch(latents, time_ids, [config.target], None, None)
     rows = max(1, min(TEXT_BATCH // len(contexts), config.renders))
     prompts = {"positive": config.positive, "negative": config.negative, "target": config.target}
     record = prompts | {"strength": config.strength, "renders": config.renders}
     return Trainee(
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        source=RenderBatches(renders, contexts, Guide(plus, minus, config.strength), rows),
+        source=RenderBatches(latents, time_ids, contexts, Guide(plus, minus, config.strength), rows),
         keymap=index.keymap,
         device=latents.device,
         data_sha256=hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest(),
