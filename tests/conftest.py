@@ -56,3 +56,13 @@ def _drop_cli_log_handlers():
     import logging
 
     logging.getLogger().handlers.clear()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Under `--dist loadgroup` (pyproject's addopts) a test without an xdist_group runs on its module's
+    worker, so module-scoped fixtures (trained LoRAs, built models) are made once; test_demo_quality splits
+    its minutes-long runs into groups of their own so the two workers share them."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

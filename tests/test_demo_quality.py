@@ -1,8 +1,9 @@
 """Quality acceptance on the embedded demo model (v2): copies copy, and sliders slide for size, colour and place.
 
 Each concept trains two copy LoRAs on its pair and sweeps the merged slider (about two minutes on one CPU
-thread): marked slow, and CI runs them. The size run goes through the `loratool demo` CLI. The figures are
-what `loratool.demo.evaluation` measures; the closing notes of the demo issues give them over 8 seeds.
+thread): marked slow, and CI runs them, each run an xdist group of its own so the suite's two workers share
+them. The size run goes through the `loratool demo` CLI. The figures are what `loratool.demo.evaluation`
+measures; the closing notes of the demo issues give them over 8 seeds.
 """
 
 import json
@@ -55,6 +56,7 @@ def position_run(tmp_path_factory):
     return _demo(tmp_path_factory, "position")
 
 
+@pytest.mark.xdist_group("demo-size")
 def test_demo_command_writes_the_whole_workflow_and_prints_where(size_run):
     stdout, summary, out = size_run
     assert stdout.strip().endswith(str(out / "demo.json"))
@@ -98,6 +100,7 @@ def _tensor(path):
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+@pytest.mark.xdist_group("demo-size")
 def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(size_run, tmp_path):
     _, _, out = size_run
     target = _tensor(out / "pair_plus.png")
@@ -108,7 +111,7 @@ def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(size
     assert with_lora - without >= 6.0, (with_lora, without)
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.xdist_group(f"copy-{i}")) for i in range(3)])
 def test_copy_mode_defaults_copy_unseen_scenes_in_their_own_colour_from_any_seed(index, tmp_path):
     """Copy mode with nothing but the model and a 600-step budget, on random scenes no test or benchmark tuned
     to (draw seed 4242): every seed renders the image's colour and the copy stops once it holds. The colour is
@@ -154,18 +157,22 @@ def _check_slider(summary):
     assert (progress[:, -1] > progress[:, 0]).all(), progress  # +1 nearer the plus image on every seed
 
 
+@pytest.mark.xdist_group("demo-size")
 def test_size_slider_glides_from_the_minus_to_the_plus_image(size_run):
     _check_slider(size_run[1])
 
 
+@pytest.mark.xdist_group("demo-colour")
 def test_colour_slider_glides_from_the_minus_to_the_plus_image(colour_run):
     _check_slider(colour_run)
 
 
+@pytest.mark.xdist_group("demo-position")
 def test_position_slider_glides_from_the_minus_to_the_plus_image(position_run):
     _check_slider(position_run)
 
 
+@pytest.mark.xdist_group("demo-recipe1")
 def test_recipe1_trains_the_plus_copy_on_the_minus_copy_folded_in(tmp_path):
     """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy."""
     from safetensors import safe_open
