@@ -3,6 +3,7 @@
     python benchmarks/demo_sliders.py --concepts size,colour,position --seeds 8 [--recipe 2] [--pair-seed 0]
         [--keep DIR]      # keep the sweeps and sheets to look at
         [--weights DIR]   # another demo model (base/, refiner/), e.g. the previous version as a baseline
+        [--lora-start F]  # sweep with the slider off for the first F of the base steps (sample --lora-start)
 
 Runs `loratool demo` (copy both images, merge A:+1 B:-1 for recipe 2; recipe 4 trains a text slider from the
 pair's two captions) for each concept on its pair, sweeps -1..1 in five scales in the pair's scene minus the
@@ -20,11 +21,13 @@ import time
 from pathlib import Path
 
 
-def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path) -> dict:
+def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path, start: float) -> dict:
     from loratool import sample
     from loratool.demo.run import DemoConfig, measure_sweep, run
 
-    config = DemoConfig(output=root / concept, concept=concept, recipe=recipe, seeds=seeds, pair_seed=pair_seed)
+    config = DemoConfig(
+        output=root / concept, concept=concept, recipe=recipe, seeds=seeds, pair_seed=pair_seed, lora_start=start
+    )
     start = time.perf_counter()
     summary = json.loads(run(config).read_text())
     seconds = time.perf_counter() - start
@@ -32,7 +35,7 @@ def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, roo
     sample.run(
         sample.SampleConfig(
             output=empty, loras=[summary["slider"]], prompt="", scales=config.scales, seeds=seeds,
-            steps=config.sample_steps, model="demo", refiner="demo",
+            steps=config.sample_steps, model="demo", refiner="demo", lora_start=start,
         )
     )  # fmt: skip
     pair = (summary["pair_attribute"]["minus"], summary["pair_attribute"]["plus"])
@@ -52,6 +55,7 @@ def main() -> None:
     p.add_argument("--recipe", type=int, default=2)
     p.add_argument("--pair-seed", type=int, default=0)
     p.add_argument("--weights", type=Path, default=None, help="demo model folder to use instead of the shipped one")
+    p.add_argument("--lora-start", type=float, default=0.0, help="slider off for this fraction of the base steps")
     p.add_argument("--keep", type=Path, default=None, help="keep the sweeps and sheets here (default: a temp dir)")
     a = p.parse_args()
     import torch
@@ -66,10 +70,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = a.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        result = {c: run_concept(c, seeds, a.recipe, a.pair_seed, root) for c in a.concepts.split(",") if c.strip()}
+        result = {
+            c: run_concept(c, seeds, a.recipe, a.pair_seed, root, a.lora_start)
+            for c in a.concepts.split(",")
+            if c.strip()
+        }
     weights = str(a.weights) if a.weights else "shipped"
     print(json.dumps({"benchmark": "demo_sliders", "weights": weights, "recipe": a.recipe, "seeds": a.seeds,
-                      "concepts": result}))  # fmt: skip
+                      "lora_start": a.lora_start, "concepts": result}))  # fmt: skip
 
 
 if __name__ == "__main__":

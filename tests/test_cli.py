@@ -25,6 +25,9 @@ def test_demo_bad_concept_is_one_line(cli, tmp_path):
     code, _, err = cli("demo", "--concept", "shape", "-o", tmp_path / "d")
     assert code == 1 and "--concept" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
+    code, _, err = cli("demo", "--lora-start", "1.5", "-o", tmp_path / "d")
+    assert code == 1 and "--lora-start" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
 
 
 def test_debug_env_shows_traceback(monkeypatch):

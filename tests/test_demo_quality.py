@@ -174,13 +174,19 @@ def test_position_slider_glides_from_the_minus_to_the_plus_image(position_run):
 
 @pytest.mark.xdist_group("demo-recipe1")
 def test_recipe1_trains_the_plus_copy_on_the_minus_copy_folded_in(tmp_path):
-    """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy."""
+    """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy. The
+    sweep runs with --lora-start, which reaches `sample` and is said where the demo says what it swept."""
     from safetensors import safe_open
 
-    from loratool.demo.run import DemoConfig, run
+    from loratool.demo.run import DemoConfig, describe, run
 
-    summary = json.loads(run(DemoConfig(output=tmp_path / "r1", recipe=1, steps=20, seeds=[0])).read_text())
+    config = DemoConfig(output=tmp_path / "r1", recipe=1, steps=20, seeds=[0], lora_start=0.25)
+    path = run(config)
+    summary = json.loads(path.read_text())
     with safe_open(tmp_path / "r1" / "slider.safetensors", "pt") as f:
         meta = f.metadata()
     assert "copy_minus.safetensors" in json.dumps(meta)  # the folded-in base LoRA is recorded
     assert summary["slider_quality"]["per_seed"]["0"]["progress"]
+    sweep = json.loads((tmp_path / "r1" / "sweep" / "sweep.json").read_text())
+    assert sweep["lora_start"] == {"fraction": 0.25, "base_steps_off": 4}  # 20 steps, the base does 16
+    assert any("off for the first 0.25 of the base steps" in line for line in describe(path))

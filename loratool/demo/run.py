@@ -40,6 +40,11 @@ class DemoConfig:
     rank: int = 8
     sample_steps: int = 20
     prompt: str | None = option(None, "Prompt of the sweep (default: the pair's scene minus the concept).")
+    lora_start: float = option(
+        0.0,
+        "Slider off for this fraction of the sweep's base steps (as sample --lora-start): 0.25 keeps shape and "
+        "colour while a size slider moves; position is laid out in the first steps and needs 0.",
+    )
     force: bool = option(False, "Overwrite existing outputs.")
 
     def __post_init__(self) -> None:
@@ -55,6 +60,8 @@ class DemoConfig:
             )
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, not {self.steps}.")
+        if not 0.0 <= self.lora_start <= 1.0:
+            raise InputError(f"--lora-start must be in [0, 1], not {self.lora_start}.")
 
     def sweep_prompt(self) -> str:
         """A slider is used inside a prompt: by default the scene of the pair minus the concept's words, e.g.
@@ -187,6 +194,7 @@ def run(config: DemoConfig) -> Path:
             steps=config.sample_steps,
             model="demo",
             refiner="demo",
+            lora_start=config.lora_start,
             force=config.force,
         )
     )
@@ -224,7 +232,12 @@ def describe(summary_path: Path) -> list[str]:
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
         "copy checks: " + (", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()) or "none (no copies)"),
-        f"slider: {summary['slider']}  (swept in the prompt {summary['sweep_prompt']!r})",
+        f"slider: {summary['slider']}  (swept in the prompt {summary['sweep_prompt']!r}"
+        + (
+            f", off for the first {summary['config']['lora_start']:g} of the base steps)"
+            if summary["config"].get("lora_start")
+            else ")"
+        ),
         f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
         f"{summary['config']['concept']} vs scale over {len(summary['config']['seeds'])} seeds: mean Spearman "
         f"{q['mean_spearman']:.3f}, largest jump {q['mean_glide']:.2f} of the change (even: "
