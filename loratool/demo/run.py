@@ -229,15 +229,14 @@ def describe(summary_path: Path) -> list[str]:
     summary = json.loads(summary_path.read_text())
     sweep = Path(summary["sweep"])
     q = summary["slider_quality"]["summary"]
+    start = summary["config"].get("lora_start")
+    swept = f"swept in the prompt {summary['sweep_prompt']!r}" + (
+        f", off for the first {start:g} of the base steps" if start else ""
+    )
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
         "copy checks: " + (", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()) or "none (no copies)"),
-        f"slider: {summary['slider']}  (swept in the prompt {summary['sweep_prompt']!r}"
-        + (
-            f", off for the first {summary['config']['lora_start']:g} of the base steps)"
-            if summary["config"].get("lora_start")
-            else ")"
-        ),
+        f"slider: {summary['slider']}  ({swept})",
         f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
         f"{summary['config']['concept']} vs scale over {len(summary['config']['seeds'])} seeds: mean Spearman "
         f"{q['mean_spearman']:.3f}, largest jump {q['mean_glide']:.2f} of the change (even: "
