@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 
-def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path, start: float) -> dict:
+def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path, lora_start: float) -> dict:
     from loratool import sample
     from loratool.demo.run import DemoConfig, measure_sweep, run
 
     config = DemoConfig(
-        output=root / concept, concept=concept, recipe=recipe, seeds=seeds, pair_seed=pair_seed, lora_start=start
+        output=root / concept, concept=concept, recipe=recipe, seeds=seeds, pair_seed=pair_seed, lora_start=lora_start
     )
     start = time.perf_counter()
     summary = json.loads(run(config).read_text())
@@ -35,7 +35,7 @@ def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, roo
     sample.run(
         sample.SampleConfig(
             output=empty, loras=[summary["slider"]], prompt="", scales=config.scales, seeds=seeds,
-            steps=config.sample_steps, model="demo", refiner="demo", lora_start=start,
+            steps=config.sample_steps, model="demo", refiner="demo", lora_start=config.lora_start,
         )
     )  # fmt: skip
     pair = (summary["pair_attribute"]["minus"], summary["pair_attribute"]["plus"])
