@@ -84,7 +84,10 @@ def scaled(model, adapter: str, scale: float) -> Iterator[None]:
 
 @contextmanager
 def adapters_off(model) -> Iterator[None]:
-    """Every peft adapter of `model` off inside the block (the base model's own prediction), on again after."""
+    """Every peft adapter of `model` off inside the block (the base model's own prediction), on again after.
+
+    Walks the modules itself rather than calling diffusers' `unet.disable_adapters()`: training passes the
+    accelerate-wrapped UNet (DDP across processes), which has no such method but the same modules."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
