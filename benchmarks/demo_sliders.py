@@ -3,7 +3,7 @@
     python benchmarks/demo_sliders.py --concepts size,colour,position --seeds 8 [--recipe 2] [--pair-seed 0]
         [--keep DIR]      # keep the sweeps and sheets to look at
         [--weights DIR]   # another demo model (base/, refiner/), e.g. the previous version as a baseline
-        [--lora-start F]  # sweep with the slider off for the first F of the base steps (sample --lora-start)
+        [--lora-start F]  # slider off for the first F of the base steps (default: the demo's, 0.25 for size)
 
 Runs `loratool demo` (copy both images, merge A:+1 B:-1 for recipe 2; recipe 4 trains a text slider from the
 pair's two captions) for each concept on its pair, sweeps -1..1 in five scales in the pair's scene minus the
@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 
-def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path, lora_start: float) -> dict:
+def run_concept(
+    concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path, lora_start: float | None
+) -> dict:
     from loratool import sample
     from loratool.demo.run import DemoConfig, measure_sweep, run
 
@@ -41,6 +43,7 @@ def run_concept(concept: str, seeds: list[int], recipe: int, pair_seed: int, roo
     pair = (summary["pair_attribute"]["minus"], summary["pair_attribute"]["plus"])
     return {
         "prompt": summary["sweep_prompt"],
+        "lora_start": config.lora_start,
         "in_prompt": summary["slider_quality"]["summary"],
         "empty_prompt": measure_sweep(config, empty, pair)["summary"],
         "copy_psnr_db": summary["copy_psnr_db"],
@@ -55,7 +58,7 @@ def main() -> None:
     p.add_argument("--recipe", type=int, default=2)
     p.add_argument("--pair-seed", type=int, default=0)
     p.add_argument("--weights", type=Path, default=None, help="demo model folder to use instead of the shipped one")
-    p.add_argument("--lora-start", type=float, default=0.0, help="slider off for this fraction of the base steps")
+    p.add_argument("--lora-start", type=float, default=None, help="slider off for this fraction of the base steps")
     p.add_argument("--keep", type=Path, default=None, help="keep the sweeps and sheets here (default: a temp dir)")
     a = p.parse_args()
     import torch
@@ -77,7 +80,7 @@ def main() -> None:
         }
     weights = str(a.weights) if a.weights else "shipped"
     print(json.dumps({"benchmark": "demo_sliders", "weights": weights, "recipe": a.recipe, "seeds": a.seeds,
-                      "lora_start": a.lora_start, "concepts": result}))  # fmt: skip
+                      "concepts": result}))  # fmt: skip
 
 
 if __name__ == "__main__":

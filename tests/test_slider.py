@@ -197,6 +197,16 @@ def test_calibrating_to_a_pair_targets_half_its_change(tiny_models, copy_slider,
     assert torch.allclose(after.modules[m.key].delta(), 2.0 * m.delta(), rtol=1e-4, atol=1e-6)
 
 
+def test_demo_sweeps_size_from_a_quarter_in_and_the_other_concepts_from_the_first_step():
+    """The start is per concept unless given: a given 0 is kept (it must not fall back to size's 0.25)."""
+    from loratool.demo.run import DemoConfig
+
+    assert DemoConfig(concept="size").lora_start == 0.25
+    assert DemoConfig(concept="colour").lora_start == DemoConfig(concept="position").lora_start == 0.0
+    assert DemoConfig(concept="size", lora_start=0.0).lora_start == 0.0
+    assert DemoConfig(concept="colour", lora_start=0.5).lora_start == 0.5
+
+
 def test_demo_recipe_3_trains_one_slider_on_the_pair(tmp_path, monkeypatch):
     from loratool import train
     from loratool.demo.run import DemoConfig, make_slider
