@@ -78,3 +78,38 @@ def test_the_text_slider_target_is_linear_in_the_scale_and_the_base_at_zero():
     assert torch.allclose(at[0.5] - at[-0.5], 2.5 * (plus - minus))  # one unit of scale: strength × direction
     assert torch.allclose(at[1.0] - at[0.5], at[0.5] - at[0.0])  # even steps: a glide is what it is asked for
     assert torch.equal(guided_target(base, plus, plus, 1.0, 2.5), base)  # the same prompt twice: nothing to learn
+
+
+def test_a_text_slider_step_makes_each_frozen_estimate_once_and_reuse_changes_no_bit(tiny_unet_batch):
+    """A step's four batches (two context prompts, each at +1 and −1) share noise and timestep: the prompt's
+    estimate is made once per context and the guide's pair once per step (2 UNet calls, not 4). The −1 half
+    gets exactly what the +1 half's call made, and every target combines the UNet's estimates at its inputs."""
+    from loratool.train.batch import Guide
+    from loratool.train.loss import guided_target, text_slider_target
+
+    unet, batch = tiny_unet_batch
+    gen = torch.Generator().manual_seed(5)
+    embeds, pooled = batch.prompt_embeds, batch.pooled
+    plus, minus = ((torch.randn(1, *embeds.shape[1:], generator=gen), pooled[:1] + 1) for _ in range(2))
+    contexts = [embeds, torch.randn(embeds.shape, generator=gen)]
+    noisy, t = torch.randn(batch.latents.shape, generator=gen), torch.tensor([700, 300])
+    cond = {"text_embeds": pooled, "time_ids": batch.time_ids}
+    calls = []
+    hook = unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    guide = Guide(plus, minus, 2.0)
+    try:
+        steps = [(e, s) for e in contexts for s in (1.0, -1.0)]
+        got = [text_slider_target(unet, noisy, t, e, cond, guide, s) for e, s in steps]
+        assert len(calls) == 2  # the first batch's three estimates in one call, the second context's prompt
+        text_slider_target(unet, noisy + 1, t, contexts[0], cond, guide, 1.0)  # the next step's noise
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        at = {name: unet(noisy, t, encoder_hidden_states=e.expand(2, -1, -1), added_cond_kwargs={
+            "text_embeds": p.expand(2, -1), "time_ids": batch.time_ids}).sample for name, (e, p) in (
+            ("plus", plus), ("minus", minus))}  # fmt: skip
+        assert torch.equal(got[1], text_slider_target(unet, noisy, t, contexts[0], cond, Guide(plus, minus, 2.0), -1))
+        for (e, s), target in zip(steps, got, strict=True):
+            base = unet(noisy, t, encoder_hidden_states=e, added_cond_kwargs=cond).sample
+            assert torch.allclose(target, guided_target(base, at["plus"], at["minus"], s, 2.0), atol=1e-5)

@@ -18,11 +18,15 @@ import torch
 @dataclass(frozen=True)
 class Guide:
     """A text slider's target: the base's own noise estimate in the batch's prompt, plus lora_scale × strength ×
-    (its estimate with `plus` − with `minus`), each a (prompt_embeds (1, 77, D), pooled (1, P)) pair."""
+    (its estimate with `plus` − with `minus`), each a (prompt_embeds (1, 77, D), pooled (1, P)) pair.
+
+    `estimates` keeps the last inputs and outputs of those LoRA-off estimates (`loss.text_slider_target`): a
+    step's batches share noise and timestep, so the other batches of the step reuse them."""
 
     plus: tuple[torch.Tensor, torch.Tensor]
     minus: tuple[torch.Tensor, torch.Tensor]
     strength: float
+    estimates: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
