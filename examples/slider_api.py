@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from loratool import merge, sample, train
+from loratool import libraries, merge, sample, train
 from loratool.demo.shapes import concept_pair
 
 
@@ -54,6 +54,7 @@ def main(out: Path, steps: int, sample_steps: int) -> list[Path]:
 
 
 if __name__ == "__main__":
+    libraries.quiet()  # as the CLI does: no other library's warnings on stderr (bitsandbytes kept out)
     written = main(
         Path(sys.argv[1] if len(sys.argv) > 1 else "slider-api"),
         steps=int(os.environ.get("STEPS", 300)),

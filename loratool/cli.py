@@ -73,16 +73,7 @@ def _root(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )
-    # transformers/diffusers reset their loggers on import, so quiet them through their own variables.
-    for lib in ("TRANSFORMERS", "DIFFUSERS"):
-        os.environ.setdefault(f"{lib}_VERBOSITY", "error")
-        if lib.lower() in sys.modules:  # imported already (a program embedding us, the tests): the variable came late
-            level = getattr(logging, os.environ[f"{lib}_VERBOSITY"].upper(), logging.ERROR)
-            sys.modules[lib.lower()].logging.set_verbosity(level)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for noisy in ("accelerate", "peft", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    libraries.without_bitsandbytes()  # train's quantised options bring it back (train.run)
+    libraries.quiet()
 
 
 @app.command()

@@ -53,6 +53,18 @@ def test_slider_api_example(tmp_path, monkeypatch):
     logging.getLogger().handlers.clear()
 
 
+def test_the_api_example_writes_only_its_results_and_its_own_progress(tmp_path):
+    """Run as a program (`libraries.quiet()` first, as the CLI does): stdout is the files written, and stderr
+    holds the progress bars but no other library's warnings (torchvision image processors, bitsandbytes)."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "slider_api.py"), str(tmp_path)], env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(tmp_path / "sweep" / "sheet.png") in result.stdout.splitlines()
+    chatter = [line for line in result.stderr.splitlines() if line.strip() and "━" not in line]
+    assert not chatter, chatter
+
+
 def test_copy_sdxl_toml_is_a_valid_train_config():
     path = EXAMPLES / "copy_sdxl.toml"
     values = settings(TrainConfig, {}, read_toml(path), path, mode=("copy", (TrainConfig, DreamboothConfig)))
