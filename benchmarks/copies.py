@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loratool import libraries
+
 
 def parse_variant(text: str) -> dict:
     if text == "default":
@@ -82,6 +84,7 @@ def main() -> None:
     p.add_argument("--draw-seed", type=int, default=2026, help="which held-out scenes (not the demo's pairs)")
     p.add_argument("--variant", action="append", default=None, help="'default' or name=value[,name=value]")
     a = p.parse_args()
+    libraries.quiet()  # only the results and our own progress on stdout/stderr
     import torch
 
     from loratool.demo import shapes

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from loratool import libraries
+
 SCALES = [-1.0, -0.5, 0.0, 0.5, 1.0]
 
 
@@ -79,6 +81,7 @@ def main() -> None:
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--sheet", type=Path, default=None, help="write a seeds × scales sheet per concept here")
     a = p.parse_args()
+    libraries.quiet()  # only the results and our own progress on stdout/stderr
     import torch
 
     from loratool.sdxl.models import load_models, pick_runtime

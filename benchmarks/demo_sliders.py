@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loratool import libraries
+
 
 def run_concept(
     concept: str, seeds: list[int], recipe: int, pair_seed: int, root: Path, lora_start: float | None
@@ -61,6 +63,7 @@ def main() -> None:
     p.add_argument("--lora-start", type=float, default=None, help="slider off for this fraction of the base steps")
     p.add_argument("--keep", type=Path, default=None, help="keep the sweeps and sheets here (default: a temp dir)")
     a = p.parse_args()
+    libraries.quiet()  # only the results and our own progress on stdout/stderr
     import torch
 
     if a.weights is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loratool import libraries
 from loratool.demo import shapes
 from loratool.sample import SampleConfig, _load
 from loratool.sample.pipeline import embeddings, render
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--images", type=int, default=5)
     args = parser.parse_args()
+    libraries.quiet()  # only the results and our own progress on stdout/stderr
     torch.set_num_threads(1)  # a shared machine: one thread gives steadier timings
     reference = Path(tempfile.mkdtemp()) / "reference.png"
     shapes.render(shapes.Scene("square", 120.0, 26.0, 92.0, 70.0)).save(reference)

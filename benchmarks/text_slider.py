@@ -19,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from loratool import libraries
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,6 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)
     a = p.parse_args()
+    libraries.quiet()  # only the results and our own progress on stdout/stderr
     import torch
     from safetensors.torch import load_file
 
