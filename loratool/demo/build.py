@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loratool import libraries
 from loratool.demo import shapes
 from loratool.demo.denoiser import Conditioning, DenoiserData, DenoiserRun, train_denoiser
 from loratool.demo.schedule import Budget
@@ -244,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    libraries.quiet()  # our INFO lines only: the root level would let every library's chatter through
     cfg = parse_args(argv)
     if cfg.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

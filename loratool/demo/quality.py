@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from loratool import libraries
 from loratool.demo import shapes
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sheet", default=None, help="save all renders as one PNG here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    libraries.quiet()  # our INFO lines only: the root level would let every library's chatter through
     runtime = pick_runtime(a.device)
     base, refiner = load_models(a.model, a.refiner, runtime, vae="base")  # the demo's own VAE, never the fp16-fix
     report, images = check(base, refiner, a.prompts, a.seeds, cfg=Render(steps=a.steps, guidance=a.guidance))
