@@ -1,5 +1,10 @@
-"""The demo model's data: seeded scenes, one-attribute pairs, measurements, and a reproducible tiny build."""
+"""The demo model's data: seeded scenes, one-attribute pairs, measurements, a reproducible tiny build, and the
+quality check's output."""
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -187,3 +192,17 @@ def test_a_stage_of_zero_steps_is_skipped_and_others_end_on_their_count():
     assert Budget(steps=0).done(0)
     assert not Budget(steps=3).done(2) and Budget(steps=3).done(3)
     assert 0.0 < Budget(steps=10, warmup=1).lr_factor(9) < Budget(steps=10, warmup=1).lr_factor(1) <= 1.0
+
+
+def test_the_quality_check_writes_its_report_and_its_own_lines_only(tmp_path):
+    """`python -m loratool.demo.quality` logs at INFO for its own lines; with the root logger at INFO, other
+    libraries' chatter (diffusers loading bitsandbytes and its CPU-kernel warning) once came through too."""
+    sheet = tmp_path / "sheet.png"
+    args = ["--model", "demo", "--prompts", "1", "--seeds", "1", "--steps", "2", "--sheet", str(sheet)]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "loratool.demo.quality", *args], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["renders"] > 0 and sheet.exists()
+    assert result.stderr.splitlines() == [f"contact sheet: {sheet}"], result.stderr[-2000:]
