@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -183,6 +183,35 @@ def test_tiny_build_is_deterministic(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
         assert all(t.dtype == torch.float16 for t in a.values()), f
     assert report["base_steps"] == report["refiner_steps"] == 3 and np.isfinite(report["vae_psnr_db"])
+
+
+def test_a_decoder_fine_tune_keeps_the_encoder_and_the_unets(tmp_path):
+    """`--vae-part decoder` changes what is drawn, never the latents: the UNets' training data stays valid."""
+    from safetensors.torch import load_file
+
+    from loratool.demo.build import BuildConfig, build
+    from loratool.sdxl.tiny import TinySpec
+
+    first = BuildConfig(out=tmp_path / "a", device="cpu", steps=(2, 2, 2), images=16, size=64, vae_batch=2)
+    first.unet_batch, first.spec = 4, TinySpec()
+    build(first)
+    tuned = replace(first, out=tmp_path / "b", steps=(3, 0, 0), start_from=str(tmp_path / "a"))
+    tuned.vae_part, tuned.vae_lr = "decoder", 1e-2
+    report = build(tuned)
+    assert report["vae_steps"] == 3 and "latent_mean" not in report  # the kept encoder is not re-scaled
+    for part in ("base/unet", "refiner/unet"):
+        a, b = (load_file(tmp_path / x / part / "diffusion_pytorch_model.safetensors") for x in "ab")
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = (load_file(tmp_path / x / "base/vae/diffusion_pytorch_model.safetensors") for x in "ab")
+    kept = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert any(not torch.equal(a[k], b[k]) for k in trained)
+    # a UNet fine-tune keeps the VAE byte for byte (it once re-scaled the latents to its own scenes' spread)
+    unet_only = replace(tuned, out=tmp_path / "c", steps=(0, 1, 0), start_from=str(tmp_path / "b"), seed=1)
+    assert "latent_mean" not in build(unet_only)
+    b, c = (load_file(tmp_path / x / "base/vae/diffusion_pytorch_model.safetensors") for x in "bc")
+    assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 def test_a_stage_of_zero_steps_is_skipped_and_others_end_on_their_count():

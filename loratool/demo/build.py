@@ -66,6 +66,7 @@ class BuildConfig:
     spec: TinySpec = field(default_factory=lambda: DEMO_SPEC)
     start_from: str | None = None  # a demo model folder (base/, refiner/) or "demo": fine-tune it
     vae_crop: int = 0  # train the VAE on random crops of this size (0: whole images)
+    vae_part: str = "all"  # "decoder": keep the encoder, so the latents the UNets know stay as they are
 
     def budget(self, stage: str) -> Budget:
         index = list(STAGE_SHARES).index(stage)
@@ -152,9 +153,12 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
         seed=cfg.seed,
         log_every=cfg.log_every,
         crop=cfg.vae_crop,
+        decoder_only=cfg.vae_part == "decoder",
     )
     report["vae_seconds"] = round(budget.elapsed(), 1)
-    report["latent_mean"], report["latent_std"] = normalise_latents(base.vae, images[:1024])
+    if cfg.start_from is None or (cfg.vae_part == "all" and report["vae_steps"] > 0):
+        # only a new encoder needs its latents scaled; re-folding a kept one on other scenes would shift them
+        report["latent_mean"], report["latent_std"] = normalise_latents(base.vae, images[:1024])
     report["vae_psnr_db"] = round(psnr(base.vae, held_out), 2)
     table = [""] + sorted(set(captions))  # row 0: the empty prompt
     rows = torch.tensor([table.index(c) for c in captions], device=cfg.device)
@@ -231,6 +235,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--vae-crop", type=int, default=0, help="train the VAE on random crops of this size (px)")
+    p.add_argument(
+        "--vae-part", choices=("all", "decoder"), default="all", help="train the whole VAE, or its decoder only"
+    )
     p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     steps = tuple(int(s) for s in a.steps.split(",")) if a.steps else None
@@ -239,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     return BuildConfig(
         out=a.out, device=a.device, minutes=a.minutes, steps=steps, seed=a.seed, images=a.images, size=a.size,
         vae_batch=max(a.batch // 2, 1), unet_batch=a.batch, start_from=a.start_from,
-        vae_lr=a.vae_lr, unet_lr=a.unet_lr, vae_crop=a.vae_crop, log_every=a.log_every,
+        vae_lr=a.vae_lr, unet_lr=a.unet_lr, vae_crop=a.vae_crop, vae_part=a.vae_part, log_every=a.log_every,
     )  # fmt: skip
 
 

@@ -35,43 +35,74 @@ def foreground_weight(x: torch.Tensor) -> torch.Tensor:
     return 1.0 + FOREGROUND_WEIGHT * off.float()
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    error = rec.float() - x
+    loss = (foreground_weight(x) * (error.abs() + error.pow(2))).mean()
+    for r, t in zip(_edges(rec.float()), _edges(x), strict=True):
+        loss = loss + EDGE_WEIGHT * F.l1_loss(r, t)
+    return loss
+
+
 def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     posterior = vae.encode(x).latent_dist
-    rec = vae.decode(posterior.sample(generator=generator)).sample.float()
-    error = rec - x
-    loss = (foreground_weight(x) * (error.abs() + error.pow(2))).mean()
-    for r, t in zip(_edges(rec), _edges(x), strict=True):
-        loss = loss + EDGE_WEIGHT * F.l1_loss(r, t)
-    return loss + KL_WEIGHT * posterior.kl().float().mean()
+    rec = vae.decode(posterior.sample(generator=generator)).sample
+    return reconstruction_loss(rec, x) + KL_WEIGHT * posterior.kl().float().mean()
+
+
+def decoder_loss(vae, z: torch.Tensor, x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """Reconstruction from the frozen encoder's latents `z` (posterior mode, what the UNets are trained on).
+
+    `crop` > 0 decodes a random window of the latents (crop // 8 cells) against the same window of the image:
+    the latents stay those of the whole scene, as the UNets see them.
+    """
+    if crop:
+        cells = crop // 8
+        top, left = (int(v) for v in torch.randint(z.shape[-1] - cells + 1, (2,), generator=generator, device=z.device))
+        z = z[..., top : top + cells, left : left + cells]
+        x = x[..., 8 * top : 8 * (top + cells), 8 * left : 8 * (left + cells)]
+    return reconstruction_loss(vae.decode(z).sample, x)
 
 
 def train_vae(
-    vae, images: torch.Tensor, *, batch: int, lr: float, budget: Budget, seed: int, log_every: int, crop: int = 0
+    vae,
+    images: torch.Tensor,
+    *,
+    batch: int,
+    lr: float,
+    budget: Budget,
+    seed: int,
+    log_every: int,
+    crop: int = 0,
+    decoder_only: bool = False,
 ):
     """Fit `vae` to uint8 `images` (on the training device); returns (steps, final mean loss).
 
     `crop` > 0 trains on random crops of that size (one offset per batch): the VAE is convolutional, and a
     64 px crop costs a quarter of a 128 px image, which is what makes a CPU fine-tune affordable.
+    `decoder_only` keeps the encoder (and so every latent a UNet was trained on) and fits the decoder to it:
+    how a fine-tune sharpens what the model draws without retraining the UNets.
     """
     device = images.device
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     gen = torch.Generator(device).manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train().requires_grad_(True)
+    vae.train().requires_grad_(not decoder_only)
+    trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
+    params = [p for module in trained for p in module.requires_grad_(True).parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    z_all = _modes(vae, images) if decoder_only else None
     step, running = 0, []
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = lr * budget.lr_factor(step)
         idx = torch.randint(len(images), (batch,), generator=gen, device=device)
-        x = images[idx]
-        if crop:
-            top, left = (int(v) for v in torch.randint(images.shape[-1] - crop + 1, (2,), generator=gen, device=device))
-            x = x[..., top : top + crop, left : left + crop]
         with autocast:
-            loss = vae_loss(vae, to_float(x), gen)
+            if decoder_only:
+                loss = decoder_loss(vae, z_all[idx], to_float(images[idx]), crop, gen)
+            else:
+                loss = vae_loss(vae, to_float(_crop(images[idx], crop, gen)), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running.append(loss.detach())
         step += 1
@@ -79,6 +110,18 @@ def train_vae(
             log.info("vae step %d loss %.4f (%.1f s)", step, torch.stack(running[-log_every:]).mean(), budget.elapsed())
     vae.eval().requires_grad_(False)
     return step, float(torch.stack(running[-50:]).mean()) if running else float("nan")
+
+
+def _crop(x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    if not crop:
+        return x
+    top, left = (int(v) for v in torch.randint(x.shape[-1] - crop + 1, (2,), generator=generator, device=x.device))
+    return x[..., top : top + crop, left : left + crop]
+
+
+@torch.no_grad()
+def _modes(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return encode(vae, images, batch) / vae.config.scaling_factor
 
 
 @torch.no_grad()
