@@ -49,12 +49,16 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return reconstruction_loss(rec, x) + KL_WEIGHT * posterior.kl().float().mean()
 
 
-def decoder_loss(vae, z: torch.Tensor, x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """Reconstruction from the frozen encoder's latents `z` (posterior mode, what the UNets are trained on).
+def decoder_loss(vae, posterior: torch.Tensor, x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """Reconstruction from a sample of the frozen encoder's posterior (`posterior`: its mean and std stacked).
 
+    Sampling, as the whole VAE was trained, keeps the decoder tolerant of latents a little off the encoder's
+    modes, which is what a UNet draws; fitted to the modes alone it decodes UNet renders with bent hues.
     `crop` > 0 decodes a random window of the latents (crop // 8 cells) against the same window of the image:
     the latents stay those of the whole scene, as the UNets see them.
     """
+    mean, std = posterior.unbind(1)
+    z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
     if crop:
         cells = crop // 8
         top, left = (int(v) for v in torch.randint(z.shape[-1] - cells + 1, (2,), generator=generator, device=z.device))
@@ -89,7 +93,7 @@ def train_vae(
     trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
     params = [p for module in trained for p in module.requires_grad_(True).parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    z_all = _modes(vae, images) if decoder_only else None
+    posteriors = _posteriors(vae, images) if decoder_only else None
     step, running = 0, []
     while not budget.done(step):
         for group in opt.param_groups:
@@ -97,7 +101,7 @@ def train_vae(
         idx = torch.randint(len(images), (batch,), generator=gen, device=device)
         with autocast:
             if decoder_only:
-                loss = decoder_loss(vae, z_all[idx], to_float(images[idx]), crop, gen)
+                loss = decoder_loss(vae, posteriors[idx], to_float(images[idx]), crop, gen)
             else:
                 loss = vae_loss(vae, to_float(_crop(images[idx], crop, gen)), gen)
         opt.zero_grad(set_to_none=True)
@@ -120,8 +124,13 @@ def _crop(x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tenso
 
 
 @torch.no_grad()
-def _modes(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return encode(vae, images, batch) / vae.config.scaling_factor
+def _posteriors(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """(n, 2, c, h, w): each image's posterior mean and std, computed once since the encoder is frozen."""
+    out = []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(to_float(images[i : i + batch])).latent_dist
+        out.append(torch.stack([dist.mean, dist.std], dim=1).float())
+    return torch.cat(out)
 
 
 @torch.no_grad()
