@@ -145,6 +145,20 @@ def test_describe_recovers_what_was_drawn():
     assert max(abs(d.radius - s.radius) for d, s in pairs) < 1.5
 
 
+@pytest.mark.parametrize("blur", [1.2, 1.6])
+def test_describe_reads_the_kind_of_soft_edged_and_small_shapes(blur):
+    """Model renders have soft edges; read by how full its box is, a blurred small triangle passed for a circle
+    (0.87 and 0.76 of these read right, under two thirds of the small ones) and shape agreement looked worse
+    than the renders were."""
+    from PIL import ImageFilter
+
+    scenes = [shapes.scene_for(77, i) for i in range(300)]
+    seen = [shapes.describe(shapes.render(s).filter(ImageFilter.GaussianBlur(blur))).shape for s in scenes]
+    right = np.array([a == s.shape for a, s in zip(seen, scenes, strict=True)])
+    small = np.array([s.radius < 14 for s in scenes])
+    assert small.sum() >= 30 and right[small].mean() >= 0.97 and right.mean() >= 0.98
+
+
 def test_normalised_latents_decode_the_same_and_have_unit_scale():
     from diffusers import AutoencoderKL
 

@@ -36,6 +36,7 @@ CONCEPTS = ("size", "colour", "position")
 FIELD = {"size": "radius", "colour": "hue", "position": "cx"}  # the Scene field each concept changes
 KEEP_WORD = {"size": 0.8, "colour": 0.8, "shape": 0.85, "position": 0.8}  # chance a caption names it
 ANCHOR_SHARE = 0.3  # of scenes drawn exactly at a named hue, so the names stay sharp
+TRIANGLE_DROP = 0.08  # centroid below the box's middle, share of its height: 1/6 for a triangle, 0 otherwise
 AREA_PER_RADIUS2 = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
 PAIR_GAP = {"size": 12.0, "colour": 90.0, "position": 40.0}  # least difference of a concept pair
 
@@ -268,6 +269,7 @@ class Description(Worded):
     """What `describe` sees in an image: the shape's mean hue, area (px), centroid, box radius and kind.
 
     `fill` is the area over the bounding box's: ~1 square, ~0.79 circle, ~0.5 triangle, low for scattered noise.
+    The kind is read from where the centroid sits (triangles) and then from `fill` (squares, circles).
     """
 
     hue: float | None
@@ -289,7 +291,11 @@ def describe(image: Image.Image | np.ndarray) -> Description:
     x0, x1 = np.percentile(xs, (1, 99))
     y0, y1 = np.percentile(ys, (1, 99))
     fill = mask.sum() / max((x1 - x0 + 1) * (y1 - y0 + 1), 1.0)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    # A triangle (apex up) has its centroid a sixth of its height below the box's middle; circles and squares
+    # have it in the middle. Unlike `fill`, that survives soft edges: a blurred 10 px triangle fills its box
+    # like a circle, and a model render is that soft.
+    drop = (ys.mean() - (y0 + y1) / 2) / (y1 - y0 + 1)
+    shape = "triangle" if drop > TRIANGLE_DROP else "square" if fill > 0.9 else "circle"
     radius = float(np.sqrt(mask.sum() / AREA_PER_RADIUS2[shape]))  # from the area: box extremes are thin tips
     return Description(
         _mean_hue(pixels[mask]), int(mask.sum()), float(xs.mean()), float(ys.mean()), float(radius), shape, float(fill)
