@@ -52,8 +52,8 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def decoder_loss(vae, posterior: torch.Tensor, x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
     """Reconstruction from a sample of the frozen encoder's posterior (`posterior`: its mean and std stacked).
 
-    Sampling, as the whole VAE was trained, keeps the decoder tolerant of latents a little off the encoder's
-    modes, which is what a UNet draws; fitted to the modes alone it decodes UNet renders with bent hues.
+    Sampled, not the mode, because that is the objective the whole VAE was trained on: a decoder fitted to the
+    modes alone would meet latents a little off them (what a UNet draws) unprepared.
     `crop` > 0 decodes a random window of the latents (crop // 8 cells) against the same window of the image:
     the latents stay those of the whole scene, as the UNets see them.
     """
@@ -84,7 +84,7 @@ def train_vae(
     `crop` > 0 trains on random crops of that size (one offset per batch): the VAE is convolutional, and a
     64 px crop costs a quarter of a 128 px image, which is what makes a CPU fine-tune affordable.
     `decoder_only` keeps the encoder (and so every latent a UNet was trained on) and fits the decoder to it:
-    how a fine-tune sharpens what the model draws without retraining the UNets.
+    a change to how scenes are drawn that needs no UNet retrained (datasets/README says what it did).
     """
     device = images.device
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
