@@ -37,6 +37,7 @@ FIELD = {"size": "radius", "colour": "hue", "position": "cx"}  # the Scene field
 KEEP_WORD = {"size": 0.8, "colour": 0.8, "shape": 0.85, "position": 0.8}  # chance a caption names it
 ANCHOR_SHARE = 0.3  # of scenes drawn exactly at a named hue, so the names stay sharp
 TRIANGLE_DROP = 0.08  # centroid below the box's middle, share of its height: 1/6 for a triangle, 0 otherwise
+SQUARE_CORNERS = 1.14  # reach along the diagonals over along the axes: squares 1.2-1.34, circles 0.94-1.08 (blurred)
 AREA_PER_RADIUS2 = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
 PAIR_GAP = {"size": 12.0, "colour": 90.0, "position": 40.0}  # least difference of a concept pair
 
@@ -269,7 +270,7 @@ class Description(Worded):
     """What `describe` sees in an image: the shape's mean hue, area (px), centroid, box radius and kind.
 
     `fill` is the area over the bounding box's: ~1 square, ~0.79 circle, ~0.5 triangle, low for scattered noise.
-    The kind is read from where the centroid sits (triangles) and then from `fill` (squares, circles).
+    The kind is read from where the centroid sits (triangles), then from `fill` or how far the corners reach.
     """
 
     hue: float | None
@@ -279,6 +280,17 @@ class Description(Worded):
     radius: float
     shape: str | None
     fill: float = 0.0
+
+
+def _corners(xs: np.ndarray, ys: np.ndarray) -> float:
+    """How far the shape reaches along the diagonals over along the axes: ~1.3 for a square, ~1.0 for a circle.
+
+    A square drawn with its sides pinched in fills its box like a circle, but its corners still reach out
+    (99th percentiles, so a stray speck does not count); a rounded one still fills its box."""
+    x, y = xs - xs.mean(), ys - ys.mean()
+    axis = max(np.percentile(np.abs(x), 99), np.percentile(np.abs(y), 99))
+    diagonal = max(np.percentile(np.abs(x + y), 99), np.percentile(np.abs(x - y), 99)) / np.sqrt(2.0)
+    return float(diagonal / max(axis, 1e-6))
 
 
 def describe(image: Image.Image | np.ndarray) -> Description:
@@ -295,7 +307,8 @@ def describe(image: Image.Image | np.ndarray) -> Description:
     # have it in the middle. Unlike `fill`, that survives soft edges: a blurred 10 px triangle fills its box
     # like a circle, and a model render is that soft.
     drop = (ys.mean() - (y0 + y1) / 2) / (y1 - y0 + 1)
-    shape = "triangle" if drop > TRIANGLE_DROP else "square" if fill > 0.9 else "circle"
+    square = fill > 0.9 or _corners(xs, ys) > SQUARE_CORNERS  # full box (a rounded one too), or corners that reach
+    shape = "triangle" if drop > TRIANGLE_DROP else "square" if square else "circle"
     radius = float(np.sqrt(mask.sum() / AREA_PER_RADIUS2[shape]))  # from the area: box extremes are thin tips
     return Description(
         _mean_hue(pixels[mask]), int(mask.sum()), float(xs.mean()), float(ys.mean()), float(radius), shape, float(fill)
