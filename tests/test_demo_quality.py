@@ -194,14 +194,15 @@ def test_the_size_demo_starts_its_slider_late_and_so_keeps_shape_and_colour(size
 @pytest.mark.xdist_group("demo-size-held-out")
 def test_a_late_start_keeps_more_on_a_size_pair_no_choice_was_made_on(tmp_path_factory):
     """The same on the size pair of seed 1 (a purple square), which the 0.25 default was checked on, not
-    chosen on. Measured on these 4 seeds: kept 0.69 instead of 0.31, Spearman 1.0, span 0.62 (8 seeds: 0.81
-    instead of 0.31)."""
+    chosen on. Measured on these 4 seeds: kept 0.69 instead of 0.50, Spearman 1.0, span 0.62. (The shape reader
+    before 2026-12-06 took some of the start-0 squares for circles and read 0.31 there, hence a margin of 0.25
+    then and 0.15 now; 8 seeds, old reader: 0.81 instead of 0.31.)"""
     from loratool.demo.run import DemoConfig, run
 
     out = tmp_path_factory.mktemp("held-out")
     summary = json.loads(run(DemoConfig(output=out / "demo", concept="size", seeds=SEEDS, pair_seed=1)).read_text())
     got, early = summary["slider_quality"]["summary"], _swept_from_the_start(summary, out / "early", 1)
-    assert got["kept"] >= 0.55 and got["kept"] >= early["kept"] + 0.25, (got, early)
+    assert got["kept"] >= 0.55 and got["kept"] >= early["kept"] + 0.15, (got, early)
     assert got["mean_spearman"] >= 0.9 and got["span"] >= 0.45, got
 
 
