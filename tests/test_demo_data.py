@@ -10,7 +10,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from loratool.demo import shapes
 
@@ -151,8 +151,6 @@ def test_describe_reads_the_kind_of_soft_edged_and_small_shapes(blur):
     """Model renders have soft edges; read by how full its box is, a blurred small triangle passed for a circle
     (0.87 and 0.76 of these read right, under two thirds of the small ones) and shape agreement looked worse
     than the renders were."""
-    from PIL import ImageFilter
-
     scenes = [shapes.scene_for(77, i) for i in range(300)]
     seen = [shapes.describe(shapes.render(s).filter(ImageFilter.GaussianBlur(blur))).shape for s in scenes]
     right = np.array([a == s.shape for a, s in zip(seen, scenes, strict=True)])
@@ -162,8 +160,6 @@ def test_describe_reads_the_kind_of_soft_edged_and_small_shapes(blur):
 
 def test_describe_reads_a_square_with_pinched_sides_as_a_square():
     """The model sometimes draws a square whose sides bow inward; by box fill it passed for a circle."""
-    from PIL import ImageDraw, ImageFilter
-
     rng = np.random.default_rng(3)
     for _ in range(12):
         r, cx, cy, pinch = rng.uniform(12, 30), rng.uniform(40, 88), rng.uniform(45, 83), rng.uniform(0.25, 0.4)
