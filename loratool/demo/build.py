@@ -67,6 +67,8 @@ class BuildConfig:
     start_from: str | None = None  # a demo model folder (base/, refiner/) or "demo": fine-tune it
     vae_crop: int = 0  # train the VAE on random crops of this size (0: whole images)
     vae_part: str = "all"  # "decoder": keep the encoder, so the latents the UNets know stay as they are
+    pure_noise: float = 0.0  # base UNet only: share of its samples trained from pure noise
+    noise_offset: float = 0.0  # base UNet only: offset noise
 
     def budget(self, stage: str) -> Budget:
         index = list(STAGE_SHARES).index(stage)
@@ -175,6 +177,8 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
     }
     for name, (unet, cond, max_t) in stages.items():
         run = DenoiserRun(cfg.unet_batch, cfg.unet_lr, max_t, seed=cfg.seed, log_every=cfg.log_every, name=name)
+        if name == "base":
+            run = replace(run, pure_noise=cfg.pure_noise, noise_offset=cfg.noise_offset)
         budget = cfg.budget(name)
         data = DenoiserData(latents, rows, cond)
         report[f"{name}_steps"], report[f"{name}_loss"] = train_denoiser(unet, data, run, budget)
@@ -238,6 +242,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument(
         "--vae-part", choices=("all", "decoder"), default="all", help="train the whole VAE, or its decoder only"
     )
+    p.add_argument(
+        "--pure-noise", type=float, default=0.0, help="share of base samples trained from pure noise (0: none)"
+    )
+    p.add_argument("--noise-offset", type=float, default=0.0, help="offset noise for the base UNet (0: none)")
     p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     steps = tuple(int(s) for s in a.steps.split(",")) if a.steps else None
@@ -247,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         out=a.out, device=a.device, minutes=a.minutes, steps=steps, seed=a.seed, images=a.images, size=a.size,
         vae_batch=max(a.batch // 2, 1), unet_batch=a.batch, start_from=a.start_from,
         vae_lr=a.vae_lr, unet_lr=a.unet_lr, vae_crop=a.vae_crop, vae_part=a.vae_part, log_every=a.log_every,
+        pure_noise=a.pure_noise, noise_offset=a.noise_offset,
     )  # fmt: skip
 
 

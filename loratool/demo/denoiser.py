@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loratool.demo.schedule import Budget
+from loratool.train.loss import PURE_NOISE_FROM, draw_noise, from_pure_noise
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +52,44 @@ class DenoiserRun:
     seed: int = 0
     log_every: int = 100
     name: str = "unet"
+    # What makes copies hold from any seed (datasets/README, "Copy fidelity"), here for the model itself: without
+    # them the base reads the layout and colour of a scene off the seed's noise and can draw "on the left" on
+    # the right. Both only matter at the high-noise end, where the refiner never trains.
+    pure_noise: float = 0.0  # share of samples trained from pure noise, as the sampler's first step sees it
+    noise_offset: float = 0.0
 
 
-def noisy_batch(data: DenoiserData, run: DenoiserRun, alphas: torch.Tensor, gen: torch.Generator):
-    """(noisy latents, timesteps, noise, min-SNR weights, caption rows, dropped mask) for one random batch."""
+def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generator):
+    """(model input, timesteps, target noise, min-SNR weights, caption rows, dropped mask) for one random batch.
+
+    Extra random numbers are drawn only for the options that are on, so a build without them is unchanged."""
     device = data.latents.device
     idx = torch.randint(len(data.latents), (run.batch,), generator=gen, device=device)
     x0 = data.latents[idx]
     t = torch.randint(0, run.max_timestep, (run.batch,), generator=gen, device=device)
-    noise = torch.randn(x0.shape, generator=gen, device=device)
+    noise = draw_noise(x0.shape, gen, device, run.noise_offset)
     dropped = torch.rand(run.batch, generator=gen, device=device) < run.caption_dropout
-    a = alphas[t].view(-1, 1, 1, 1)
+    pure = torch.zeros_like(t, dtype=torch.bool)
+    if run.pure_noise and run.max_timestep > PURE_NOISE_FROM:
+        pure = torch.rand(run.batch, generator=gen, device=device) < run.pure_noise
+        start = torch.randint(PURE_NOISE_FROM, run.max_timestep, t.shape, generator=gen, device=device)
+        t = torch.where(pure, start, t)
+    xt, target = from_pure_noise(sched, x0, noise, t, pure)
+    a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
     snr = a / (1 - a)
     weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, weight.flatten(), data.captions[idx], dropped
+    return xt, t, target, weight.flatten(), data.captions[idx], dropped
 
 
 def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget) -> tuple[int, float]:
     """Train `unet` in place and leave the EMA weights in it; returns (steps, final mean loss)."""
+    from diffusers import DDPMScheduler
+
     from loratool.sdxl.tiny import scheduler
 
     device = data.latents.device
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    alphas = scheduler().alphas_cumprod.to(device)
+    sched = DDPMScheduler.from_config(scheduler().config)  # the training view of SDXL's schedule (add_noise)
     gen = torch.Generator(device).manual_seed(run.seed)
     params = [p for p in unet.parameters()]
     ema = [p.detach().clone() for p in params]
@@ -83,7 +99,7 @@ def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget) -
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = run.lr * budget.lr_factor(step)
-        xt, t, noise, weight, caption, dropped = noisy_batch(data, run, alphas, gen)
+        xt, t, noise, weight, caption, dropped = noisy_batch(data, run, sched, gen)
         text, added = data.conditioning(caption, dropped)
         with autocast:
             pred = unet(xt, t, encoder_hidden_states=text, added_cond_kwargs=added).sample

@@ -34,10 +34,7 @@ def sample_losses(
     `pure_noise` is the fraction of samples trained the way the sampler starts (see `from_pure_noise`).
     """
     latents = batch.latents
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    if noise_offset:  # shifts the mean per channel, so the model can learn very dark/bright images
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
-        noise = noise + noise_offset * offset
+    noise = draw_noise(latents.shape, generator, latents.device, noise_offset)
     if timestep is None:
         n = sched.config.num_train_timesteps
         t = torch.randint(0, n, (latents.shape[0],), generator=generator, device=latents.device)
@@ -113,6 +110,17 @@ def _frozen_estimates(unet, memo: dict, noisy, t, time_ids, texts: dict[str, tup
 
 def _same(kept: tuple, inputs: tuple) -> bool:
     return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(kept, inputs, strict=True))
+
+
+def draw_noise(shape, generator: torch.Generator, device, offset: float = 0.0) -> torch.Tensor:
+    """Unit Gaussian noise, plus `offset` × a random shift of each sample's channel means (offset noise): the
+    model learns that a shifted mean is noise to remove, not colour to keep, so very dark or bright images can
+    be drawn and a seed's mean colour is not copied. Draws the offset only when asked, so runs without it keep
+    their random stream."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
+    return noise
 
 
 def from_pure_noise(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, pure: torch.Tensor):
