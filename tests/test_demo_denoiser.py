@@ -1,4 +1,4 @@
-"""The demo build's denoising batches: the usual ones bit for bit, and pure-noise and offset-noise samples on request."""
+"""The demo build's denoising batches: the usual ones bit for bit; pure-noise and offset-noise samples on request."""
 
 import pytest
 import torch
