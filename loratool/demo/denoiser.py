@@ -54,7 +54,8 @@ class DenoiserRun:
     name: str = "unet"
     # What makes copies hold from any seed (datasets/README, "Copy fidelity"), here for the model itself: without
     # them the base reads the layout and colour of a scene off the seed's noise and can draw "on the left" on
-    # the right. Both only matter at the high-noise end, where the refiner never trains.
+    # the right ("The base read the layout off the seed"). The build gives them to the base only: the refiner
+    # starts from the base's latents, never from a seed.
     pure_noise: float = 0.0  # share of samples trained from pure noise, as the sampler's first step sees it
     noise_offset: float = 0.0
 
