@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,7 +53,9 @@ def add_adapter(model, network: LoraNetwork, component: str, adapter: str) -> No
     modules = [m for m in network if m.component == component]
     if not modules:
         return
-    inject_adapter_in_model(peft_config(modules), model, adapter_name=adapter)
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are what callers want
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(peft_config(modules), model, adapter_name=adapter)
     with torch.no_grad():
         for m in modules:
             layer = model.get_submodule(model_path(model, component, m.path))

@@ -8,7 +8,6 @@ through diffusers' `set_adapters`; with `fuse`, the active weights are also merg
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 from loratool.lora.apply import add_adapter, fold_network
@@ -65,9 +64,7 @@ class Adapters:
                 if mode == "fold":
                     _to_device(lora.network, component, model)
                     continue
-                with warnings.catch_warnings():  # several adapters in one model are what we want
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    add_adapter(model, lora.network, component, lora.adapter)
+                add_adapter(model, lora.network, component, lora.adapter)
         self.components = sorted(parts)
         self.fused = False
         self.current: tuple[float, ...] | None = (0.0,) * len(loras) if mode == "fold" else None
