@@ -36,9 +36,10 @@ def foreground_weight(x: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    error = rec.float() - x
+    rec = rec.float()
+    error = rec - x
     loss = (foreground_weight(x) * (error.abs() + error.pow(2))).mean()
-    for r, t in zip(_edges(rec.float()), _edges(x), strict=True):
+    for r, t in zip(_edges(rec), _edges(x), strict=True):
         loss = loss + EDGE_WEIGHT * F.l1_loss(r, t)
     return loss
 
