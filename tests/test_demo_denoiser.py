@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from loratool.demo.build import zero_snr_scheduler
 from loratool.demo.denoiser import DenoiserData, DenoiserRun, noisy_batch
 from loratool.sdxl.tiny import scheduler
 from loratool.train.loss import PURE_NOISE_FROM
@@ -16,8 +17,8 @@ def _data(seed: int, n: int = 16) -> DenoiserData:
     return DenoiserData(torch.randn(n, 4, 16, 16, generator=gen), torch.arange(n), conditioning=None)
 
 
-def _batch(data: DenoiserData, run: DenoiserRun, seed: int = 5):
-    return noisy_batch(data, run, SCHED, torch.Generator().manual_seed(seed))
+def _batch(data: DenoiserData, run: DenoiserRun, seed: int = 5, sched=SCHED):
+    return noisy_batch(data, run, sched, torch.Generator().manual_seed(seed))
 
 
 def test_without_the_options_a_batch_is_the_one_earlier_builds_trained_on():
@@ -67,3 +68,24 @@ def test_offset_noise_shifts_each_samples_channel_means():
         means[offset] = target.mean(dim=(2, 3)).std().item()
     assert means[0.0] < 0.1  # 1/16 for unit noise on 16 × 16
     assert 0.4 < means[0.5] < 0.6
+
+
+def test_on_the_zero_snr_schedule_sampling_starts_from_pure_noise_and_the_target_is_velocity():
+    """The last step holds nothing of the image and the sampler starts there; the target is velocity, which
+    gives the image back at every step (at the last one it is −x0), and the last steps keep their weight."""
+    sampler = zero_snr_scheduler(scheduler())
+    sampler.set_timesteps(20)
+    assert int(sampler.timesteps[0]) == 999
+    sched = DDPMScheduler.from_config(sampler.config)
+    assert sched.alphas_cumprod[-1] == 0 and sched.config.prediction_type == "v_prediction"
+    first, second = _data(0), _data(1)
+    run = DenoiserRun(batch=1024, lr=1e-4)
+    xt, t, target, weight, *_ = _batch(first, run, sched=sched)
+    xt2, *_ = _batch(second, run, sched=sched)
+    last = t == 999
+    assert last.any() and torch.equal(xt[last], xt2[last]) and not torch.equal(xt[~last], xt2[~last])
+    idx = torch.randint(len(first.latents), (1024,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(target[last], -first.latents[idx][last])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * target, first.latents[idx], atol=1e-4)
+    assert torch.isfinite(weight).all() and (weight[t > 500] == 1).all() and (weight[t < 50] < 0.3).all()

@@ -69,6 +69,7 @@ class BuildConfig:
     vae_part: str = "all"  # "decoder": keep the encoder, so the latents the UNets know stay as they are
     pure_noise: float = 0.0  # base UNet only: share of its samples trained from pure noise
     noise_offset: float = 0.0  # base UNet only: offset noise
+    zero_snr: bool = False  # both UNets: velocity on a schedule rescaled to end at pure noise (Lin et al. 2024)
 
     def budget(self, stage: str) -> Budget:
         index = list(STAGE_SHARES).index(stage)
@@ -112,11 +113,25 @@ def prepare_models(cfg: BuildConfig):
     else:
         base, refiner = build_tiny_pipelines(replace(cfg.spec, sample_size=cfg.size), seed=cfg.seed)
     base.register_to_config(force_zeros_for_empty_prompt=False)  # negative = "", which dropout trains
+    if cfg.zero_snr:
+        for pipe in (base, refiner):
+            pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
     for te in (base.text_encoder, base.text_encoder_2):
         te.to(torch.float16).to(torch.float32)
     base.to(cfg.device)
     refiner.unet.to(cfg.device)
     return base, refiner
+
+
+def zero_snr_scheduler(scheduler):
+    """The same sampler on the schedule of Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed": betas rescaled so the last step is pure noise (SDXL's still holds 7 % of the image, which is
+    how a seed sets the layout and colour), velocity as the target (noise says nothing at SNR 0), and "trailing"
+    spacing so sampling starts at that last step ("leading" starts at t ≈ 950). Both UNets take it, so the
+    hand-off between them sees one schedule."""
+    return type(scheduler).from_config(
+        scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
 
 
 def _load(source: str):
@@ -181,7 +196,8 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
             run = replace(run, pure_noise=cfg.pure_noise, noise_offset=cfg.noise_offset)
         budget = cfg.budget(name)
         data = DenoiserData(latents, rows, cond)
-        report[f"{name}_steps"], report[f"{name}_loss"] = train_denoiser(unet, data, run, budget)
+        schedule = (base if name == "base" else refiner).scheduler.config
+        report[f"{name}_steps"], report[f"{name}_loss"] = train_denoiser(unet, data, run, budget, schedule)
         report[f"{name}_seconds"] = round(budget.elapsed(), 1)
     return report
 
@@ -246,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         "--pure-noise", type=float, default=0.0, help="share of base samples trained from pure noise (0: none)"
     )
     p.add_argument("--noise-offset", type=float, default=0.0, help="offset noise for the base UNet (0: none)")
+    p.add_argument(
+        "--zero-snr", action="store_true", help="train both UNets for a zero-terminal-SNR schedule (v-prediction)"
+    )
     p.add_argument("--log-every", type=int, default=100)
     a = p.parse_args(argv)
     steps = tuple(int(s) for s in a.steps.split(",")) if a.steps else None
@@ -255,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         out=a.out, device=a.device, minutes=a.minutes, steps=steps, seed=a.seed, images=a.images, size=a.size,
         vae_batch=max(a.batch // 2, 1), unet_batch=a.batch, start_from=a.start_from,
         vae_lr=a.vae_lr, unet_lr=a.unet_lr, vae_crop=a.vae_crop, vae_part=a.vae_part, log_every=a.log_every,
-        pure_noise=a.pure_noise, noise_offset=a.noise_offset,
+        pure_noise=a.pure_noise, noise_offset=a.noise_offset, zero_snr=a.zero_snr,
     )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Training a UNet (base or refiner) on cached latents with SDXL's epsilon objective, EMA and caption dropout."""
+"""Training a UNet (base or refiner) on cached latents with its schedule's objective (SDXL's epsilon, or
+velocity on a zero-terminal-SNR schedule), EMA and caption dropout."""
 
 from __future__ import annotations
 
@@ -78,19 +79,25 @@ def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generato
     xt, target = from_pure_noise(sched, x0, noise, t, pure)
     a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
     snr = a / (1 - a)
-    weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+    if sched.config.prediction_type == "v_prediction":
+        # Velocity is x0 at the last step, whose SNR is 0 on a zero-terminal-SNR schedule: min-SNR's x0 weight
+        # min(SNR, γ) would give the steps that decide a scene's layout and colour no weight at all, so weigh
+        # x0 by min(SNR + 1, γ) instead (plain velocity MSE wherever SNR < γ − 1).
+        target = sched.get_velocity(x0, target, t)
+        weight = (snr + 1).clamp(max=MIN_SNR_GAMMA) / (snr + 1)
+    else:
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
     return xt, t, target, weight.flatten(), data.captions[idx], dropped
 
 
-def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget) -> tuple[int, float]:
-    """Train `unet` in place and leave the EMA weights in it; returns (steps, final mean loss)."""
+def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget, schedule) -> tuple[int, float]:
+    """Train `unet` in place on `schedule` (its pipeline's scheduler config) and leave the EMA weights in it;
+    returns (steps, final mean loss)."""
     from diffusers import DDPMScheduler
-
-    from loratool.sdxl.tiny import scheduler
 
     device = data.latents.device
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    sched = DDPMScheduler.from_config(scheduler().config)  # the training view of SDXL's schedule (add_noise)
+    sched = DDPMScheduler.from_config(schedule)  # the training view of the sampler's schedule (add_noise)
     gen = torch.Generator(device).manual_seed(run.seed)
     params = [p for p in unet.parameters()]
     ema = [p.detach().clone() for p in params]
