@@ -1,6 +1,7 @@
 """Copy-machine fidelity on held-out scenes of the demo model: one JSON line per variant.
 
     python benchmarks/copies.py --images 6 --seeds 8 --steps 600 [--variant default --variant pure_noise=0 ...]
+        [--weights DIR]   # another demo model (base/, refiner/) instead of the shipped one
 
 Draws `--images` random scenes (never the demo's pairs; seeded by --draw-seed), trains a copy LoRA of each with
 copy mode's defaults plus the variant's settings (`name=value` pairs of TrainConfig fields; `default` changes
@@ -83,11 +84,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--draw-seed", type=int, default=2026, help="which held-out scenes (not the demo's pairs)")
     p.add_argument("--variant", action="append", default=None, help="'default' or name=value[,name=value]")
+    p.add_argument("--weights", type=Path, default=None, help="demo model folder to use instead of the shipped one")
     a = p.parse_args()
     libraries.quiet()  # only the results and our own progress on stdout/stderr
     import torch
 
     from loratool.demo import shapes
+    from loratool.sdxl import models
+
+    if a.weights is not None:
+        models.DEMO_WEIGHTS = a.weights.resolve()
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +105,9 @@ def main() -> None:
             images.append(path)
         for variant in a.variant or ["default"]:
             row = run_variant(variant, images, root, a.steps, list(range(a.seeds)))
-            print(json.dumps({"benchmark": "copies", "steps": a.steps, "seeds": a.seeds} | row), flush=True)
+            weights = str(a.weights) if a.weights else "shipped"
+            line = {"benchmark": "copies", "weights": weights, "steps": a.steps, "seeds": a.seeds} | row
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

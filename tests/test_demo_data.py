@@ -243,6 +243,33 @@ def test_a_decoder_fine_tune_keeps_the_encoder_and_the_unets(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def test_a_zero_snr_build_saves_its_schedule_and_sample_follows_it(tmp_path):
+    """`--zero-snr` is a property of the saved model, not of the build: both folders' scheduler configs carry it,
+    and `loratool sample` starts from t = 999 on that schedule and renders (velocity, no NaN at SNR 0)."""
+    from diffusers import EulerDiscreteScheduler
+    from PIL import Image
+
+    from loratool import sample
+    from loratool.demo.build import BuildConfig, build
+    from loratool.sdxl.tiny import TinySpec
+
+    cfg = BuildConfig(out=tmp_path / "z", device="cpu", steps=(1, 2, 2), images=16, size=64, vae_batch=2)
+    cfg.unet_batch, cfg.spec, cfg.zero_snr = 4, TinySpec(), True
+    report = build(cfg)
+    assert np.isfinite(report["base_loss"]) and np.isfinite(report["refiner_loss"])
+    for part in ("base", "refiner"):
+        sched = EulerDiscreteScheduler.from_pretrained(cfg.out / part, subfolder="scheduler")
+        assert sched.config.prediction_type == "v_prediction" and sched.config.rescale_betas_zero_snr
+        sched.set_timesteps(4)
+        assert int(sched.timesteps[0]) == 999
+    out = tmp_path / "renders"
+    config = sample.SampleConfig(output=out, model=str(cfg.out / "base"), refiner=str(cfg.out / "refiner"))
+    config.steps, config.seeds, config.scales = 4, [0], [0.0]
+    sample.run(config)
+    pixels = np.asarray(Image.open(next(out.rglob("*.png"))).convert("RGB"))
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+
+
 def test_a_stage_of_zero_steps_is_skipped_and_others_end_on_their_count():
     """`--steps 0,N,M` fine-tunes the UNets and keeps the VAE: its stage runs no step (it once ran one)."""
     from loratool.demo.schedule import Budget
