@@ -62,7 +62,8 @@ class DenoiserRun:
 
 
 def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generator):
-    """(model input, timesteps, target noise, min-SNR weights, caption rows, dropped mask) for one random batch.
+    """(model input, timesteps, target (noise, or velocity), min-SNR weights, caption rows, dropped mask) for one
+    random batch.
 
     Extra random numbers are drawn only for the options that are on, so a build without them is unchanged."""
     device = data.latents.device
@@ -107,11 +108,11 @@ def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget, s
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = run.lr * budget.lr_factor(step)
-        xt, t, noise, weight, caption, dropped = noisy_batch(data, run, sched, gen)
+        xt, t, target, weight, caption, dropped = noisy_batch(data, run, sched, gen)
         text, added = data.conditioning(caption, dropped)
         with autocast:
             pred = unet(xt, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
-        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        loss = (F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
