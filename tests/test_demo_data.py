@@ -106,6 +106,29 @@ def test_captions_leave_words_out_at_random_and_never_name_an_unclear_value():
             assert getattr(seen, attribute) == getattr(scene, attribute), (scene, attribute)
 
 
+def test_a_decoy_redraws_what_the_caption_names_and_keeps_what_it_leaves_out():
+    fields = {"shape": "shape", "colour": "hue", "size": "radius", "position": "cx"}
+    moved = {a: [] for a in fields}
+    for i in range(400):
+        scene = shapes.scene_for(3, i)
+        decoy = shapes.decoy(scene, np.random.default_rng((3, i, 1)))
+        assert (decoy.cy, decoy.background, decoy.named) == (scene.cy, scene.background, scene.named)
+        for attribute, field in fields.items():
+            if attribute in scene.named_in_caption:
+                moved[attribute].append(getattr(decoy, field) != getattr(scene, field))
+            else:  # the seed's share of the scene: the remnant must stay true to it
+                assert getattr(decoy, field) == getattr(scene, field), (scene, attribute)
+        r = decoy.radius
+        assert shapes.RADIUS[0] <= r <= shapes.RADIUS[1]
+        assert r + shapes.MARGIN - 1e-9 <= decoy.cx <= shapes.SIZE - r - shapes.MARGIN + 1e-9  # inside the frame
+    for attribute, flags in moved.items():  # drawn afresh: the shape kind keeps its old one by chance, 1 in 3
+        assert np.mean(flags) > (0.5 if attribute == "shape" else 0.97), attribute
+    decoys, scenes = shapes.render_many(6, seed=3, start=10, decoys=True)
+    again = shapes.render_many(2, seed=3, start=14, decoys=True)[0]  # chunks drawn apart equal the whole
+    assert np.array_equal(decoys[4:], again)
+    assert scenes == [shapes.decoy(shapes.scene_for(3, i), np.random.default_rng((3, i, 1))) for i in range(10, 16)]
+
+
 def test_attributes_are_continuous():
     scenes = [shapes.scene_for(2, i, drop_words=False) for i in range(500)]
     for field, low, high in (("radius", 10, 34), ("cx", 24, 104), ("hue", 0, 360)):
@@ -198,13 +221,17 @@ def test_tiny_build_is_deterministic(tmp_path):
     from loratool.demo.build import BuildConfig, build
     from loratool.sdxl.tiny import TinySpec
 
-    def run(out):
+    def run(out, **options):
         cfg = BuildConfig(out=out, device="cpu", steps=(3, 3, 3), images=16, size=64, vae_batch=2, unet_batch=4)
-        cfg.spec = TinySpec()
+        cfg = replace(cfg, spec=TinySpec(), **options)
         return build(cfg)
 
     report = run(tmp_path / "a")
     run(tmp_path / "b")
+    assert run(tmp_path / "decoy", decoy=1.0)["config"]["decoy"] == 1.0  # the base's first steps only
+    for folder, same in (("base/unet", False), ("refiner/unet", True), ("base/vae", True)):
+        a, b = (load_file(tmp_path / d / folder / "diffusion_pytorch_model.safetensors") for d in ("a", "decoy"))
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, folder
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
     assert len(files) == 7  # base: te1, te2, unet, vae; refiner: te2, unet, vae
     for f in files:
@@ -212,6 +239,16 @@ def test_tiny_build_is_deterministic(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
         assert all(t.dtype == torch.float16 for t in a.values()), f
     assert report["base_steps"] == report["refiner_steps"] == 3 and np.isfinite(report["vae_psnr_db"])
+
+
+def test_the_build_takes_a_decoy_share_and_refuses_it_beside_pure_noise(capsys):
+    from loratool.demo.build import parse_args
+
+    assert parse_args(["--out", "m", "--decoy", "0.25"]).decoy == 0.25
+    for bad in (["--decoy", "1.5"], ["--decoy", "0.25", "--pure-noise", "0.25"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--out", "m", *bad])
+        assert exit_.value.code == 2 and "--decoy" in capsys.readouterr().err
 
 
 def test_a_decoder_fine_tune_keeps_the_encoder_and_the_unets(tmp_path):

@@ -60,6 +60,31 @@ def test_pure_noise_samples_hold_nothing_of_the_image_and_only_the_base_gets_the
     assert torch.allclose(x0, first.latents[idx], atol=2e-3)
 
 
+def test_decoy_samples_start_from_the_decoy_and_are_asked_for_the_real_image():
+    """Base only, t ≥ 850, never on a dropped caption; the input is the decoy noised, the target the noise that
+    gives back the real latents, and a latent whose decoy is itself is an ordinary sample."""
+    first = _data(0)
+    decoys = DenoiserData(first.latents, first.captions, None, decoys=_data(1).latents)
+    same = DenoiserData(first.latents, first.captions, None, decoys=first.latents)
+    run = DenoiserRun(batch=256, lr=1e-4, decoy=0.5)
+    xt, t, target, _, _, dropped = _batch(decoys, run)
+    xt_same, t_same, target_same, *_ = _batch(same, run)
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(len(first.latents), (256,), generator=gen)
+    a = SCHED.alphas_cumprod[t].view(-1, 1, 1, 1)
+    from_decoy = torch.isclose(xt, a.sqrt() * decoys.decoys[idx] + (1 - a).sqrt() * target_same, atol=1e-5)
+    decoyed = from_decoy.flatten(1).all(dim=1) & ~(xt == xt_same).flatten(1).all(dim=1)
+    assert 0.4 < decoyed.float().mean() < 0.55 and not (decoyed & dropped).any()
+    assert (t[decoyed] >= PURE_NOISE_FROM).all() and torch.equal(t, t_same)
+    x0 = (xt - (1 - a).sqrt() * target) / a.sqrt()
+    assert torch.allclose(x0, first.latents[idx], atol=2e-3)
+    a_same = SCHED.alphas_cumprod[t_same].view(-1, 1, 1, 1)
+    assert torch.allclose(xt_same, a_same.sqrt() * first.latents[idx] + (1 - a_same).sqrt() * target_same, atol=1e-5)
+    refiner = _batch(decoys, DenoiserRun(batch=256, lr=1e-4, max_timestep=200, decoy=0.5))
+    plain = _batch(decoys, DenoiserRun(batch=256, lr=1e-4, max_timestep=200))
+    assert all(torch.equal(x, y) for x, y in zip(refiner, plain, strict=True))
+
+
 def test_offset_noise_shifts_each_samples_channel_means():
     data = _data(0)
     means = {}

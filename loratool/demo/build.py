@@ -69,6 +69,7 @@ class BuildConfig:
     vae_part: str = "all"  # "decoder": keep the encoder, so the latents the UNets know stay as they are
     pure_noise: float = 0.0  # base UNet only: share of its samples trained from pure noise
     noise_offset: float = 0.0  # base UNet only: offset noise
+    decoy: float = 0.0  # base UNet only: share of its samples whose first-step noise holds a decoy scene
     zero_snr: bool = False  # both UNets: velocity on a schedule rescaled to end at pure noise (Lin et al. 2024)
 
     def budget(self, stage: str) -> Budget:
@@ -78,11 +79,12 @@ class BuildConfig:
         return Budget(steps=steps, seconds=60.0 * self.minutes * STAGE_SHARES[stage], warmup=warmup)
 
 
-def generate(n: int, seed: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    """n scenes as a uint8 tensor (n, 3, size, size) plus captions; rendered in parallel chunks when n is large."""
+def generate(n: int, seed: int, size: int, decoys: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """n scenes (or their `shapes.decoy`s) as a uint8 tensor (n, 3, size, size) plus the scenes' captions;
+    rendered in parallel chunks when n is large."""
     captions = [shapes.scene_for(seed, i).caption for i in range(n)]
     chunk, workers = 1024, min(16, os.cpu_count() or 1)
-    jobs = [(min(chunk, n - s), seed, s) for s in range(0, n, chunk)]
+    jobs = [(min(chunk, n - s), seed, s, decoys) for s in range(0, n, chunk)]
     if len(jobs) > 1 and workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             pixels = np.concatenate(list(pool.map(shapes.render_pixels, jobs)))
@@ -181,6 +183,9 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
     rows = torch.tensor([table.index(c) for c in captions], device=cfg.device)
     latents = encode(base.vae, images)
     del images
+    decoys = None
+    if cfg.decoy:
+        decoys = encode(base.vae, generate(cfg.images, cfg.seed, cfg.size, decoys=True)[0].to(cfg.device))
     s = float(cfg.size)
     stages = {
         "base": (base.unet, conditioning(base, table, [s, s, 0, 0, s, s], [s, s, 0, 0, s, s]), 1000),
@@ -193,9 +198,9 @@ def run_stages(cfg: BuildConfig, base, refiner) -> dict:
     for name, (unet, cond, max_t) in stages.items():
         run = DenoiserRun(cfg.unet_batch, cfg.unet_lr, max_t, seed=cfg.seed, log_every=cfg.log_every, name=name)
         if name == "base":
-            run = replace(run, pure_noise=cfg.pure_noise, noise_offset=cfg.noise_offset)
+            run = replace(run, pure_noise=cfg.pure_noise, noise_offset=cfg.noise_offset, decoy=cfg.decoy)
         budget = cfg.budget(name)
-        data = DenoiserData(latents, rows, cond)
+        data = DenoiserData(latents, rows, cond, decoys if name == "base" else None)
         schedule = (base if name == "base" else refiner).scheduler.config
         report[f"{name}_steps"], report[f"{name}_loss"] = train_denoiser(unet, data, run, budget, schedule)
         report[f"{name}_seconds"] = round(budget.elapsed(), 1)
@@ -263,6 +268,11 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     )
     p.add_argument("--noise-offset", type=float, default=0.0, help="offset noise for the base UNet (0: none)")
     p.add_argument(
+        "--decoy", type=float, default=0.0,
+        help="share of base samples started at t ≥ 850 from a decoy: the scene with the words its caption names "
+        "redrawn (0: none)",
+    )  # fmt: skip
+    p.add_argument(
         "--zero-snr", action="store_true", help="train both UNets for a zero-terminal-SNR schedule (v-prediction)"
     )
     p.add_argument("--log-every", type=int, default=100)
@@ -270,11 +280,13 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     steps = tuple(int(s) for s in a.steps.split(",")) if a.steps else None
     if steps is not None and len(steps) != 3:
         p.error("--steps takes three numbers: VAE,BASE,REFINER")
+    if not 0 <= a.decoy <= 1 or (a.decoy and a.pure_noise):
+        p.error("--decoy is a share from 0 to 1, and cannot be combined with --pure-noise (both set the first steps)")
     return BuildConfig(
         out=a.out, device=a.device, minutes=a.minutes, steps=steps, seed=a.seed, images=a.images, size=a.size,
         vae_batch=max(a.batch // 2, 1), unet_batch=a.batch, start_from=a.start_from,
         vae_lr=a.vae_lr, unet_lr=a.unet_lr, vae_crop=a.vae_crop, vae_part=a.vae_part, log_every=a.log_every,
-        pure_noise=a.pure_noise, noise_offset=a.noise_offset, zero_snr=a.zero_snr,
+        pure_noise=a.pure_noise, noise_offset=a.noise_offset, zero_snr=a.zero_snr, decoy=a.decoy,
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ class DenoiserData:
     latents: torch.Tensor  # (n, 4, h, w), already × scaling factor
     captions: torch.Tensor  # (n,) long: row of Conditioning
     conditioning: Conditioning
+    decoys: torch.Tensor | None = None  # (n, 4, h, w): each scene's `shapes.decoy`, for DenoiserRun.decoy
 
 
 @dataclass
@@ -59,6 +60,11 @@ class DenoiserRun:
     # starts from the base's latents, never from a seed.
     pure_noise: float = 0.0  # share of samples trained from pure noise, as the sampler's first step sees it
     noise_offset: float = 0.0
+    # The same mismatch, fixed the other way: a share of samples start at t ≥ 850 from the noised decoy (the
+    # scene with its caption's named attributes redrawn) and are asked for the real image. The remnant then
+    # says nothing about what the caption names, as a seed's does not, and stays true for what it leaves out,
+    # which is where a seed's variety comes from. Dropped captions keep the real scene.
+    decoy: float = 0.0
 
 
 def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generator):
@@ -78,6 +84,11 @@ def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generato
         start = torch.randint(PURE_NOISE_FROM, run.max_timestep, t.shape, generator=gen, device=device)
         t = torch.where(pure, start, t)
     xt, target = from_pure_noise(sched, x0, noise, t, pure)
+    if run.decoy and run.max_timestep > PURE_NOISE_FROM:
+        decoyed = (torch.rand(run.batch, generator=gen, device=device) < run.decoy) & ~dropped
+        start = torch.randint(PURE_NOISE_FROM, run.max_timestep, t.shape, generator=gen, device=device)
+        t = torch.where(decoyed, start, t)
+        xt, target = from_decoy(sched, x0, data.decoys[idx], noise, t, decoyed, xt, target)
     a = sched.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
     snr = a / (1 - a)
     if sched.config.prediction_type == "v_prediction":
@@ -89,6 +100,16 @@ def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generato
     else:
         weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
     return xt, t, target, weight.flatten(), data.captions[idx], dropped
+
+
+def from_decoy(sched, x0, decoys, noise, t, where, xt, target):
+    """(model input, noise target): where `where` is set, `decoys` noised to t as the input and the noise that
+    makes the model's x0 estimate the real `x0` as the target; elsewhere `xt` and `target` as they were."""
+    a = sched.alphas_cumprod.to(t.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
+    noisy = a.sqrt() * decoys + (1 - a).sqrt() * noise
+    implied = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+    mask = where.view(-1, 1, 1, 1)
+    return torch.where(mask, noisy, xt), torch.where(mask, implied, target)
 
 
 def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget, schedule) -> tuple[int, float]:

@@ -174,18 +174,41 @@ def scene_for(seed: int, index: int, backgrounds: tuple[str, ...] = ("white",), 
     return random_scene(np.random.default_rng((seed, index)), backgrounds, drop_words)
 
 
-def render_many(n: int, seed: int, start: int = 0, backgrounds: tuple[str, ...] = ("white",)):
-    """Images `start … start+n-1` of the set `seed` as a uint8 array (n, SIZE, SIZE, 3), plus their scenes."""
+def decoy(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with every attribute its caption names drawn afresh (the kind, hue, radius, place), the rest
+    as they are: what the remnant of the image in the first steps' noise may show when that noise is a seed's,
+    which holds nothing the caption says. A build trains on it so the base takes named words from the caption
+    and only what the caption leaves out from the seed (see `loratool.demo.build --decoy`)."""
+    named = scene.named_in_caption
+    shape = SHAPES[int(rng.integers(len(SHAPES)))] if "shape" in named else scene.shape
+    hue = _hue(rng) if "colour" in named else scene.hue
+    radius, cx = scene.radius, scene.cx
+    if "size" in named:  # what still fits where the shape is (or anywhere across, when the place is redrawn too)
+        room = SIZE / 2 if "position" in named else min(cx, SIZE - cx)
+        fit = min(room, scene.cy, SIZE - scene.cy) - MARGIN
+        radius = float(rng.uniform(RADIUS[0], max(RADIUS[0], min(RADIUS[1], fit))))
+    if "position" in named:
+        lo, hi = max(CENTRE_X[0], radius + MARGIN), min(CENTRE_X[1], SIZE - radius - MARGIN)
+        cx = float(rng.uniform(lo, hi))
+    return replace(scene, shape=shape, hue=hue, radius=radius, cx=cx)
+
+
+def render_many(n: int, seed: int, start: int = 0, backgrounds: tuple[str, ...] = ("white",), decoys: bool = False):
+    """Images `start … start+n-1` of the set `seed` as a uint8 array (n, SIZE, SIZE, 3), plus their scenes;
+    with `decoys`, each scene's `decoy` (drawn from its own seed, so independent of chunking) instead."""
     scenes = [scene_for(seed, i, backgrounds) for i in range(start, start + n)]
+    if decoys:
+        scenes = [decoy(s, np.random.default_rng((seed, i, 1))) for i, s in enumerate(scenes, start)]
     out = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     for i, scene in enumerate(scenes):
         out[i] = np.asarray(render(scene))
     return out, scenes
 
 
-def render_pixels(job: tuple[int, int, int]) -> np.ndarray:
-    """`render_many(n, seed, start)` pixels only, for a process pool: job = (n, seed, start)."""
-    return render_many(*job)[0]
+def render_pixels(job: tuple[int, int, int, bool]) -> np.ndarray:
+    """`render_many(n, seed, start, decoys=…)` pixels only, for a process pool: job = (n, seed, start, decoys)."""
+    n, seed, start, decoys = job
+    return render_many(n, seed, start, decoys=decoys)[0]
 
 
 def _pair_values(concept: str, rng: np.random.Generator) -> tuple[float, float]:
