@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from loratool.demo import shapes
+from loratool.metrics import spearman
 
 
 def test_same_seed_same_bytes_other_seed_other_images():
@@ -68,6 +69,40 @@ def test_progress_is_zero_at_minus_one_at_plus_and_linear_between(value):
     assert shapes.progress(90 - value * 40, "position", 90, 50) == pytest.approx(value)
     # hue along the shorter arc: red (0) → purple (280) passes through 320, not through green
     assert shapes.progress((0 - value * 80) % 360, "colour", 0.0, 280.0) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("minus, plus", [(306.0, 200.0), (55.0, 204.0), (0.0, 280.0), (350.0, 10.0)])
+def test_a_sweep_is_read_along_the_arc_through_its_scale_0_hue(minus, plus):
+    """A scale-0 render off the pair's shorter arc means the sweep reaches both ends the long way round: read
+    there, a hue walk minus → via → plus rises evenly; one on the shorter arc reads as it did without `via`."""
+    short = shapes.hue_difference(minus, plus)
+    long_ = short - np.copysign(360.0, short)
+    walk = [(minus + f * long_) % 360 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    read = [shapes.progress(h, "colour", minus, plus, via=walk[2]) for h in walk]
+    assert read == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert spearman([0, 1, 2, 3, 4], [shapes.progress(h, "colour", minus, plus) for h in walk]) < 1  # no `via`
+    on_short = (minus + 0.4 * short) % 360
+    for value in (-0.3, 0.0, 0.4, 1.0, 1.3):
+        h = (minus + value * short) % 360
+        assert shapes.progress(h, "colour", minus, plus, via=on_short) == shapes.progress(h, "colour", minus, plus)
+    assert shapes.progress(120.0, "size", 100.0, 140.0, via=walk[2]) == 0.5  # `via` is a hue: colour only
+
+
+def test_a_colour_sweep_the_long_way_round_its_scale_0_hue_reads_as_a_glide():
+    """Rendered, read back and scored as `loratool demo` scores a sweep: magenta → red → yellow → green →
+    azure, the walk a slider must take from a yellow scale-0 render, glides. Read on the pair's shorter arc
+    (through violet), as before, the same renders went 0, −0.6, 2.2, 1.6, 1."""
+    from loratool.demo.evaluation import evaluate
+
+    _, _, minus, plus = shapes.concept_pair("colour", 1)
+    scales = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    short = shapes.hue_difference(minus.hue, plus.hue)
+    long_ = short - np.copysign(360.0, short)
+    hues = {s: (minus.hue + (s + 1) / 2 * long_) % 360 for s in scales}
+    images = {(0, s): shapes.render(replace(minus, hue=hues[s])) for s in scales}
+    pair = (shapes.describe(shapes.render(minus)).hue, shapes.describe(shapes.render(plus)).hue)
+    summary = evaluate(images, scales, [0], "colour", pair)["summary"]
+    assert summary["mean_spearman"] == 1.0 and summary["mean_glide"] < 0.3 and 0.95 < summary["span"] < 1.05
 
 
 @pytest.mark.parametrize("arc", [-170.0, -147.0, -90.0, 90.0, 147.0, 179.0])

@@ -1,8 +1,8 @@
 """How well a slider slides on the demo model: the concept's attribute on every render, and what else changed.
 
 Each render of a sweep is read back with `shapes.describe`. The concept's attribute is placed on the pair's
-own scale (`shapes.progress`: 0 = the minus image, 1 = the plus image), so every concept and direction reads
-the same way:
+own scale (`shapes.progress`: 0 = the minus image, 1 = the plus image; a hue along the arc of the wheel that
+passes through the seed's scale-0 render), so every concept and direction reads the same way:
 - Spearman(scale, progress) per seed: does the slider move the right way at every step;
 - glide: the largest jump between neighbouring scales as a share of all of them (0.25 is an even glide over
   five scales, 1.0 a switch);
@@ -54,7 +54,8 @@ def evaluate(images: dict, scales: list[float], seeds: list[int], concept: str, 
     per_seed = {}
     for seed in seeds:
         seen = {s: shapes.describe(images[(seed, s)]) for s in scales}
-        progress = [shapes.progress(_attribute(seen[s], concept), concept, *pair) for s in ordered]
+        via = seen[0.0].hue if 0.0 in seen and seen[0.0].shape is not None else None  # colour: which arc
+        progress = [shapes.progress(_attribute(seen[s], concept), concept, *pair, via=via) for s in ordered]
         finite = all(math.isfinite(p) for p in progress)
         rho = spearman(ordered, progress) if finite else None
         per_seed[str(seed)] = {

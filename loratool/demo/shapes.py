@@ -10,6 +10,7 @@ down, so edges are anti-aliased (easier for a x8 VAE) and rendering stays determ
 from __future__ import annotations
 
 import colorsys
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -276,16 +277,24 @@ def measure(image: Image.Image | np.ndarray, concept: str) -> float:
     return float(np.nonzero(mask)[1].mean()) if concept == "position" else _mean_hue(pixels[mask])
 
 
-def progress(value: float, concept: str, minus: float, plus: float) -> float:
-    """Where a measured value lies from the pair's minus (0) to its plus (1); hue along the pair's shorter arc.
+def progress(value: float, concept: str, minus: float, plus: float, via: float | None = None) -> float:
+    """Where a measured value lies from the pair's minus (0) to its plus (1); hue along the arc through `via`.
 
-    A hue is read as the turn from minus that lies within half a circle of the arc's midpoint: on a 147° arc,
-    a hue 54° past plus is progress 1.37, not −1.08 (the shorter turn from minus would go the other way)."""
+    Two arcs join two hues. A slider's sweep passes through its scale-0 render (`via`), so a sweep whose
+    scale-0 hue lies off the pair's shorter arc can only reach both ends the long way round: it is read along
+    the longer arc. Without `via`, or with it on the shorter arc, the shorter arc. A hue is read as the turn
+    from minus that lies within half a circle of the arc's midpoint: on a 147° arc, a hue 54° past plus is
+    progress 1.37, not −1.08 (the shorter turn from minus would go the other way)."""
     if concept == "colour":
         arc = hue_difference(minus, plus)
-        turn = (value - minus - arc / 2 + 180.0) % 360.0 - 180.0 + arc / 2
-        return turn / arc
+        if via is not None and not 0.0 <= _turn(via, minus, arc) / arc <= 1.0:
+            arc -= math.copysign(360.0, arc)
+        return _turn(value, minus, arc) / arc
     return (value - minus) / (plus - minus)
+
+
+def _turn(value: float, minus: float, arc: float) -> float:
+    return (value - minus - arc / 2 + 180.0) % 360.0 - 180.0 + arc / 2
 
 
 @dataclass(frozen=True)
