@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loratool.demo.schedule import Budget
-from loratool.train.loss import PURE_NOISE_FROM, draw_noise, from_pure_noise
+from loratool.train.loss import PURE_NOISE_FROM, draw_noise, from_pure_noise, implied_noise
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,9 @@ def noisy_batch(data: DenoiserData, run: DenoiserRun, sched, gen: torch.Generato
 def from_decoy(sched, x0, decoys, noise, t, where, xt, target):
     """(model input, noise target): where `where` is set, `decoys` noised to t as the input and the noise that
     makes the model's x0 estimate the real `x0` as the target; elsewhere `xt` and `target` as they were."""
-    a = sched.alphas_cumprod.to(t.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
-    noisy = a.sqrt() * decoys + (1 - a).sqrt() * noise
-    implied = (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+    noisy = sched.add_noise(decoys, noise, t)
     mask = where.view(-1, 1, 1, 1)
-    return torch.where(mask, noisy, xt), torch.where(mask, implied, target)
+    return torch.where(mask, noisy, xt), torch.where(mask, implied_noise(sched, noisy, x0, t), target)
 
 
 def train_denoiser(unet, data: DenoiserData, run: DenoiserRun, budget: Budget, schedule) -> tuple[int, float]:

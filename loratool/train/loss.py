@@ -134,10 +134,15 @@ def from_pure_noise(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.
     noisy = sched.add_noise(latents, noise, t)
     if not pure.any():
         return noisy, noise
-    ab = sched.alphas_cumprod.to(t.device)[t].to(latents.dtype).view(-1, 1, 1, 1)
-    implied = (noise - ab.sqrt() * latents) / (1 - ab).sqrt()
     where = pure.view(-1, 1, 1, 1)
-    return torch.where(where, noise, noisy), torch.where(where, implied, noise)
+    return torch.where(where, noise, noisy), torch.where(where, implied_noise(sched, noise, latents, t), noise)
+
+
+def implied_noise(sched, model_input: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise target that makes the model's x0 estimate from `model_input` at `t` exactly `latents`, whatever
+    the input holds (pure noise, or another image noised): (input − √ᾱ·x0) / √(1 − ᾱ)."""
+    ab = sched.alphas_cumprod.to(t.device)[t].to(latents.dtype).view(-1, 1, 1, 1)
+    return (model_input - ab.sqrt() * latents) / (1 - ab).sqrt()
 
 
 def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
