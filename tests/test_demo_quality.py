@@ -19,11 +19,14 @@ from loratool.metrics import psnr
 
 pytestmark = pytest.mark.slow
 SEEDS = [0, 1, 2, 3]
-# Floors under what the v2 model measures on these 4 seeds (8-seed figures are in datasets/README.md). The
-# aims of the demo-v2 issue (Spearman 0.95, largest jump 0.5, kept 0.9) are not all met yet: these floors
-# catch a regression to v1's switches (largest jump 0.73-0.90 on the same pairs), not the aim.
+# Floors under what the shipped lab (v2 fine-tuned with decoys) measures on these 4 seeds (8-seed figures are
+# in datasets/README.md). The aims of the demo-v2 issue (Spearman 0.95, largest jump 0.5, kept 0.9) are not
+# all met yet: these floors catch a regression to v1's switches (largest jump 0.73-0.90 on the same pairs),
+# not the aim. Place gets its own ceiling: a place slider flips each seed's square from one side to the other
+# at one scale (a 17-scale sweep shows the flip inside one 0.125 step; datasets/README.md), so its largest
+# jump on 4 seeds is 0.76 here, 0.68 on v2.
 FLOORS = {"mean_spearman": 0.7, "span": 0.5}
-MAX_GLIDE = 0.72
+MAX_GLIDE = {"size": 0.72, "colour": 0.72, "position": 0.8}
 KEPT = {"size": 0.75, "colour": 0.6, "position": 0.5}  # size: swept from a quarter in (from 0 it drags hue)
 
 
@@ -152,7 +155,7 @@ def _check_slider(summary):
     print(summary["config"]["concept"], got)  # the figures, for the record (pytest -s)
     for key, floor in FLOORS.items():
         assert got[key] >= floor, (key, got, quality["per_seed"])
-    assert got["mean_glide"] <= MAX_GLIDE, (got, quality["per_seed"])
+    assert got["mean_glide"] <= MAX_GLIDE[summary["config"]["concept"]], (got, quality["per_seed"])
     assert got["kept"] >= KEPT[summary["config"]["concept"]], (got, quality["per_seed"])
     progress = np.array([row["progress"] for row in quality["per_seed"].values()])  # seeds × scales (sorted)
     assert (progress[:, -1] > progress[:, 0]).all(), progress  # +1 nearer the plus image on every seed
@@ -182,8 +185,9 @@ def _swept_from_the_start(summary: dict, out, pair_seed: int) -> dict:
 @pytest.mark.xdist_group("demo-size")
 def test_the_size_demo_starts_its_slider_late_and_so_keeps_shape_and_colour(size_run, tmp_path):
     """The size demo sweeps with --lora-start 0.25 by default: the base lays the scene out, the slider changes
-    the size only. Against the same slider swept from the first step, measured on these 4 seeds: kept 0.875
-    instead of 0.125, Spearman 1.0, span 0.77 (8 seeds: 0.91 instead of 0.31)."""
+    the size only. Against the same slider swept from the first step, measured on these 4 seeds: kept 0.94
+    instead of 0.31, Spearman 1.0, span 0.62 (8 seeds: 0.91 instead of 0.44; on v2 without decoys, 4 seeds:
+    0.875 instead of 0.125)."""
     _, summary, _ = size_run
     assert summary["config"]["lora_start"] == 0.25
     got, early = summary["slider_quality"]["summary"], _swept_from_the_start(summary, tmp_path / "early", 0)
@@ -194,9 +198,8 @@ def test_the_size_demo_starts_its_slider_late_and_so_keeps_shape_and_colour(size
 @pytest.mark.xdist_group("demo-size-held-out")
 def test_a_late_start_keeps_more_on_a_size_pair_no_choice_was_made_on(tmp_path_factory):
     """The same on the size pair of seed 1 (a purple square), which the 0.25 default was checked on, not
-    chosen on. Measured on these 4 seeds: kept 0.69 instead of 0.50, Spearman 1.0, span 0.62. (The shape reader
-    before 2026-12-06 took some of the start-0 squares for circles and read 0.31 there, hence a margin of 0.25
-    then and 0.15 now; 8 seeds, old reader: 0.81 instead of 0.31.)"""
+    chosen on. Measured on these 4 seeds: kept 0.75 instead of 0.31, Spearman 1.0, span 0.77 (v2 without
+    decoys: 0.69 instead of 0.50, span 0.62; the margin of 0.15 dates from then)."""
     from loratool.demo.run import DemoConfig, run
 
     out = tmp_path_factory.mktemp("held-out")
