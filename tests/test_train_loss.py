@@ -4,13 +4,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from loratool.train.loss import from_pure_noise, sample_losses
+from loratool.train.loss import from_pure_noise, min_snr_weight, sample_losses
 
 
-def _sched(prediction_type="epsilon"):
-    return DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
-    )
+def _sched(prediction_type="epsilon", zero_snr=False):
+    scaled = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    return DDPMScheduler(**scaled, prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
 
 
 def _x0_estimate(sched, noisy, target, t):
@@ -113,3 +112,22 @@ def test_a_text_slider_step_makes_each_frozen_estimate_once_and_reuse_changes_no
         for (e, s), target in zip(steps, got, strict=True):
             base = unet(noisy, t, encoder_hidden_states=e, added_cond_kwargs=cond).sample
             assert torch.allclose(target, guided_target(base, at["plus"], at["minus"], s, 2.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_min_snr_weights_are_min_snr_over_snr_and_finite_at_pure_noise(zero_snr):
+    """Min-SNR-γ: ε-prediction weighs min(SNR, γ) / SNR, v-prediction min(SNR, γ) / (SNR + 1). A zero-terminal-SNR
+    schedule (SNR exactly 0 at its last step) must not give a NaN loss: ε's weight there is its limit, 1."""
+    t = torch.tensor(torch.arange(0, 1000, 37).tolist() + [999])
+    ac = _sched(zero_snr=zero_snr).alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    gamma = 5.0
+    eps = min_snr_weight(_sched("epsilon", zero_snr), t, gamma).double()
+    v = min_snr_weight(_sched("v_prediction", zero_snr), t, gamma).double()
+
+    assert torch.isfinite(eps).all() and torch.isfinite(v).all()
+    assert torch.allclose(v, snr.clamp(max=gamma) / (snr + 1), atol=1e-6)
+    positive = snr > 0
+    assert torch.allclose(eps[positive], snr[positive].clamp(max=gamma) / snr[positive], rtol=1e-5)
+    assert (eps <= 1).all() and eps[snr < gamma].eq(1).all()  # noisier than γ: full weight
+    assert zero_snr == (snr[-1] == 0)  # the zero-SNR schedule does reach SNR 0 at its last step

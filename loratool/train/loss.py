@@ -146,11 +146,14 @@ def implied_noise(sched, model_input: torch.Tensor, latents: torch.Tensor, t: to
 
 
 def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ (Hang et al. 2023): stop the easy, low-noise timesteps from dominating the loss (per sample)."""
+    """Min-SNR-γ (Hang et al. 2023): stop the easy, low-noise timesteps from dominating the loss (per sample).
+    ε-prediction weighs min(SNR, γ) / SNR, written as min(γ / SNR, 1): a zero-terminal-SNR schedule reaches SNR
+    0 at its last step, where the quotient form is 0 / 0 and would make the whole loss NaN."""
     ac = sched.alphas_cumprod.to(t.device)[t].float()
     snr = ac / (1 - ac)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if sched.config.prediction_type == "v_prediction" else clipped / snr
+    if sched.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(gamma / snr, max=1.0)
 
 
 def batch_weights(batches: list[Batch], prior_loss_weight: float = 1.0) -> list[float]:
