@@ -57,7 +57,7 @@ def _sweep(tiny, loras: list[str], scales, **kw):
     return render_sweep(base, None, config, adapters, make_prompt(config), None, swept, output_type="np")
 
 
-def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0):
+def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0, **kw):
     """Reference: a fresh pipeline, each file injected as a peft adapter, weights set with set_adapters."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -69,7 +69,8 @@ def _direct(tiny, files_weights: list[tuple[Path, float]], seed=0):
         loaded = read_loras(pipe, [(f, 1.0) for f, _ in files_weights], swept=0)
         Adapters(pipe, loaded, mode="adapters").set([w for _, w in files_weights])
     generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(PROMPT, negative_prompt="", num_inference_steps=4, generator=generator, output_type="np").images[0]
+    out = pipe(PROMPT, negative_prompt="", num_inference_steps=4, generator=generator, output_type="np", **kw)
+    return out.images[0]
 
 
 def test_scale_zero_is_the_plain_model_and_scale_s_is_the_adapter_at_s(tiny_models, loras):
@@ -164,9 +165,22 @@ def test_lora_start_changes_the_image(tiny_models, loras):
     assert np.abs(late - full).mean() > 1e-4 and np.abs(late - plain).mean() > 1e-4
 
 
+def test_guidance_rescale_is_diffusers_own_and_is_recorded(cli, tiny_models, loras, tmp_path):
+    """--guidance-rescale is diffusers' guidance_rescale (Lin et al.'s CFG rescale φ), on every render of a sweep,
+    and each PNG says so the way A1111 and Forge read it back."""
+    rescaled = _sweep(tiny_models, [str(loras / "a.safetensors")], [1.0], guidance_rescale=0.7)[(0, 0.0)]
+    assert np.abs(rescaled - _direct(tiny_models, [], guidance_rescale=0.7)).max() <= 1e-4
+    assert np.abs(rescaled - _direct(tiny_models, [])).mean() > 1e-4  # it does change the render
+    _run(cli, tiny_models, tmp_path / "o", "--refiner", tiny_models / "refiner", "--guidance-rescale", "0.7")
+    assert "CFG Rescale phi: 0.7" in Image.open(tmp_path / "o" / "seed0.png").text["parameters"]
+    _run(cli, tiny_models, tmp_path / "off", "--refiner", "none")
+    assert "CFG Rescale" not in Image.open(tmp_path / "off" / "seed0.png").text["parameters"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
+        (["--guidance-rescale", "1.5"], "--guidance-rescale"),
         (["--slider", "1..-1"], "--slider"),
         (["--points", "0"], "--points"),
         (["--scheduler", "heun"], "--scheduler"),

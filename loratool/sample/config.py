@@ -29,6 +29,11 @@ class SampleConfig:
     seeds: list[int] = option([0], "Comma-separated seeds (rows of the sheet).", "--seed", "--seeds", cli_type=str)
     steps: int = option(30, "Sampling steps.")
     guidance: float = option(5.0, "Classifier-free guidance scale.")
+    guidance_rescale: float = option(
+        0.0,
+        "CFG rescale φ in [0, 1] (Lin et al. 2023): against the over-exposed renders that guidance gives "
+        "v-prediction and zero-terminal-SNR models; 0.7 is usual there, 0 is off.",
+    )
     width: int | None = option(None, "Default: the model's native size.")
     height: int | None = option(None, "Default: the model's native size.")
     original_size: tuple[int, int] | None = option(None, "Micro-conditioning WxH.", cli_type=str)
@@ -87,6 +92,8 @@ class SampleConfig:
                 raise InputError(f"--{name} must be a multiple of 8 and at least 64, not {value}.")
         if not 0.0 <= self.lora_start <= 1.0:
             raise InputError(f"--lora-start must be in [0, 1], not {self.lora_start}.")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise InputError(f"--guidance-rescale must be in [0, 1], not {self.guidance_rescale}.")
         if not self.seeds:
             raise InputError("--seeds needs at least one seed.")
         if len(set(self.seeds)) != len(self.seeds):

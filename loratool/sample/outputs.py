@@ -57,6 +57,8 @@ def parameters_text(
         f"Model: {config.model}, Refiner: {config.refiner if config.uses_refiner else 'none'}",
         f"High noise frac: {config.high_noise_frac}",
     ]
+    if config.guidance_rescale:
+        fields.append(f"CFG Rescale phi: {config.guidance_rescale}")  # the key A1111's extension and Forge read
     if config.scheduler:
         fields.append(f"Sampler: {config.scheduler}")
     if loras:

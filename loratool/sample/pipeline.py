@@ -42,6 +42,7 @@ class Prompt:
     negative: str = ""
     negative_2: str | None = None
     guidance: float = 5.0
+    guidance_rescale: float = 0.0
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
@@ -96,7 +97,12 @@ def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds:
     generator = torch.Generator("cpu").manual_seed(seed)
     for guide in schedule.guides:
         guide.start(seed)
-    common = dict(num_inference_steps=schedule.steps, guidance_scale=prompt.guidance, **prompt.conditioning())
+    common = dict(
+        num_inference_steps=schedule.steps,
+        guidance_scale=prompt.guidance,
+        guidance_rescale=prompt.guidance_rescale,
+        **prompt.conditioning(),
+    )
     hand_off = refiner is not None and schedule.high_noise_frac < 1.0
     extra = {}
     if schedule.callback is not None:

@@ -89,6 +89,7 @@ def make_prompt(config: SampleConfig) -> Prompt:
         negative=config.negative_prompt,
         negative_2=config.negative_prompt_2,
         guidance=config.guidance,
+        guidance_rescale=config.guidance_rescale,
         original_size=hw(config.original_size),
         crops_coords_top_left=(config.crop[1], config.crop[0]),
         target_size=hw(config.target_size),
