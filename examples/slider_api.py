@@ -45,7 +45,7 @@ def main(out: Path, steps: int, sample_steps: int) -> list[Path]:
             seeds=[0, 1],
             steps=sample_steps,
             prompt="a blue triangle on the left",
-            lora_start=0.25,  # the base lays out the first quarter of its steps; the slider changes only the size
+            lora_start=0.0,  # from the first step: started later, a size slider hardly moves some shapes
             model="demo",
             refiner="demo",
             force=True,

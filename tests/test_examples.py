@@ -37,7 +37,7 @@ def test_slider_demo_script(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model: demo (recorded in size_a.safetensors)" in result.stderr  # merge and sample read it back
     assert (tmp_path / "sweep" / "sheet.png").is_file() and (tmp_path / "sweep" / "sweep.json").is_file()
-    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["lora_start"]["fraction"] == 0.25
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["lora_start"]["base_steps_off"] == 0
 
 
 def test_slider_api_example(tmp_path, monkeypatch):

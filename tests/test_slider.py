@@ -197,13 +197,13 @@ def test_calibrating_to_a_pair_targets_half_its_change(tiny_models, copy_slider,
     assert torch.allclose(after.modules[m.key].delta(), 2.0 * m.delta(), rtol=1e-4, atol=1e-6)
 
 
-def test_demo_sweeps_size_and_colour_from_a_quarter_in_and_position_from_the_first_step():
+def test_demo_sweeps_colour_from_a_quarter_in_and_size_and_position_from_the_first_step():
     """The start is per concept unless given: a given 0 is kept (it must not fall back to the concept default)."""
     from loratool.demo.run import DemoConfig
 
-    assert DemoConfig(concept="size").lora_start == DemoConfig(concept="colour").lora_start == 0.25
-    assert DemoConfig(concept="position").lora_start == 0.0
-    assert DemoConfig(concept="size", lora_start=0.0).lora_start == 0.0
+    assert DemoConfig(concept="colour").lora_start == 0.25
+    assert DemoConfig(concept="size").lora_start == DemoConfig(concept="position").lora_start == 0.0
+    assert DemoConfig(concept="colour", lora_start=0.0).lora_start == 0.0
     assert DemoConfig(concept="colour", lora_start=0.5).lora_start == 0.5
 
 
