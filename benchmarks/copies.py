@@ -6,8 +6,10 @@
 Draws `--images` random scenes (never the demo's pairs; seeded by --draw-seed), trains a copy LoRA of each with
 copy mode's defaults plus the variant's settings (`name=value` pairs of TrainConfig fields; `default` changes
 nothing), then renders the empty prompt through the base alone with `sample --values 1` (20 steps) on
-`--seeds` seeds. Reports per image and overall: mean and min PSNR against the image, the share of renders
-whose hue is within 30° of the image's, the step each copy stopped at, and the wall time of each variant.
+`--seeds` seeds from `--first-seed` (default 0; the copy checks render seeds 0, 1, …, so a first seed past
+them scores only seeds the early stop never saw). Reports per image and overall: mean and min PSNR against
+the image, the share of renders whose hue is within 30° of the image's, the step each copy stopped at, and the
+wall time of each variant.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--first-seed", type=int, default=0, help="render seeds from here on (copy checks draw 0, 1, …)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--draw-seed", type=int, default=2026, help="which held-out scenes (not the demo's pairs)")
     p.add_argument("--variant", action="append", default=None, help="'default' or name=value[,name=value]")
@@ -104,9 +107,10 @@ def main() -> None:
             shapes.render(shapes.scene_for(a.draw_seed, i, drop_words=False)).save(path)
             images.append(path)
         for variant in a.variant or ["default"]:
-            row = run_variant(variant, images, root, a.steps, list(range(a.seeds)))
+            row = run_variant(variant, images, root, a.steps, list(range(a.first_seed, a.first_seed + a.seeds)))
             weights = str(a.weights) if a.weights else "shipped"
-            line = {"benchmark": "copies", "weights": weights, "steps": a.steps, "seeds": a.seeds} | row
+            line = {"benchmark": "copies", "weights": weights, "steps": a.steps, "seeds": a.seeds}
+            line = line | {"first_seed": a.first_seed, "draw_seed": a.draw_seed} | row
             print(json.dumps(line), flush=True)
 
 
