@@ -269,6 +269,7 @@ def _bad_inputs(tmp_path, tiny_models, image):
         "unwritable output": [str(image), *model, "-o", str(blocker / "x.safetensors")],
         "rank out of range": [str(image), *model, "--rank", "0"],
         "pure noise out of range": [str(image), *model, "--pure-noise", "1"],
+        "multires noise out of range": [str(image), *model, "--multires-noise", "1"],
         "8-bit adam without CUDA": [str(image), *model, "--optimizer", "adamw8bit"],
         "quantized base without CUDA": [str(image), *model, "--quantize-base", "nf4"],
     }
@@ -284,6 +285,7 @@ def _bad_inputs(tmp_path, tiny_models, image):
         "unwritable output",
         "rank out of range",
         "pure noise out of range",
+        "multires noise out of range",
         "8-bit adam without CUDA",
         "quantized base without CUDA",
     ],

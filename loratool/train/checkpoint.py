@@ -26,8 +26,10 @@ KEEP = 2  # the latest and the one before, to fall back on
 MUST_MATCH = (
     *("rank", "alpha", "lr", "seed", "resolution", "optimizer", "gradient_accumulation", "noise_offset"),
     *("pure_noise", "base_loras", "mode", "prompt", "class_prompt", "num_class_images", "prior_loss_weight"),
-    *("batch_size", "train_text_encoder", "conv_rank", "conv_alpha", "data_sha256"),
+    *("batch_size", "train_text_encoder", "conv_rank", "conv_alpha", "data_sha256", "multires_noise"),
 )
+# Settings added after checkpoints were first written: an older checkpoint trained with the option's off value.
+ADDED_LATER = {"multires_noise": 0.0}
 
 
 @dataclass
@@ -125,7 +127,7 @@ def _check_settings(path: Path, saved: dict, settings: dict) -> None:
             raise InputError(
                 f"--resume: {path} was trained on other images or captions; remove {folder} to start over."
             )
-        if saved.get(key) != settings.get(key):
+        if saved.get(key, ADDED_LATER.get(key)) != settings.get(key):
             raise InputError(
                 f"--resume: {path} was trained with {key}={saved.get(key)!r}, "
                 f"not {settings.get(key)!r}; pass the same settings or remove {folder}."

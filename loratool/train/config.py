@@ -55,6 +55,11 @@ class TrainConfig:
     noise_offset: float | None = option(
         None, "Noise offset: random per-channel shifts of the noise (default: 0.2 in copy and slider mode, else 0)."
     )
+    multires_noise: float = option(
+        0.0,
+        "Multi-resolution noise weight in [0, 1), e.g. 0.5 (kohya's multires discount): coarse noise too, so a "
+        "copy learns to ignore a seed's coarse layout. 0: off.",
+    )
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting, e.g. 5.")
     save_every: int = option(0, "Checkpoint every N steps into <name>.ckpt/.")
     resume: bool = option(False, "Continue from the latest checkpoint.")
@@ -106,6 +111,8 @@ class TrainConfig:
             raise InputError(f"--alpha must be positive, not {self.alpha}.")
         if self.noise_offset < 0 or (self.min_snr_gamma is not None and self.min_snr_gamma <= 0):
             raise InputError("--noise-offset must be ≥ 0 and --min-snr-gamma > 0.")
+        if not 0 <= self.multires_noise < 1:
+            raise InputError(f"--multires-noise is a weight in [0, 1), not {self.multires_noise}.")
         if not 0 <= self.pure_noise < 1:
             raise InputError(f"--pure-noise is a fraction of the steps in [0, 1), not {self.pure_noise}.")
         _one_of("--optimizer", self.optimizer, OPTIMIZERS)

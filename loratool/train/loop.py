@@ -201,7 +201,12 @@ def train_step(
     """
     shard = (accelerator.process_index, accelerator.num_processes)
     sched, prior_weight = trainee.noise_scheduler, getattr(config, "prior_loss_weight", 1.0)
-    noising = dict(noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma, pure_noise=config.pure_noise)
+    noising = dict(
+        noise_offset=config.noise_offset,
+        min_snr_gamma=config.min_snr_gamma,
+        pure_noise=config.pure_noise,
+        multires_noise=config.multires_noise,
+    )
     total = 0.0
     for _ in range(config.gradient_accumulation):
         with accelerator.accumulate(unet):

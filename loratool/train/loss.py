@@ -26,6 +26,7 @@ def sample_losses(
     min_snr_gamma: float | None = None,
     timestep: int | None = None,
     pure_noise: float = 0.0,
+    multires_noise: float = 0.0,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (noise, or velocity), one value per sample of our shard.
 
@@ -34,7 +35,7 @@ def sample_losses(
     `pure_noise` is the fraction of samples trained the way the sampler starts (see `from_pure_noise`).
     """
     latents = batch.latents
-    noise = draw_noise(latents.shape, generator, latents.device, noise_offset)
+    noise = draw_noise(latents.shape, generator, latents.device, noise_offset, multires_noise)
     if timestep is None:
         n = sched.config.num_train_timesteps
         t = torch.randint(0, n, (latents.shape[0],), generator=generator, device=latents.device)
@@ -112,15 +113,26 @@ def _same(kept: tuple, inputs: tuple) -> bool:
     return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(kept, inputs, strict=True))
 
 
-def draw_noise(shape, generator: torch.Generator, device, offset: float = 0.0) -> torch.Tensor:
+def draw_noise(shape, generator: torch.Generator, device, offset: float = 0.0, multires: float = 0.0) -> torch.Tensor:
     """Unit Gaussian noise, plus `offset` × a random shift of each sample's channel means (offset noise): the
     model learns that a shifted mean is noise to remove, not colour to keep, so very dark or bright images can
-    be drawn and a seed's mean colour is not copied. Draws the offset only when asked, so runs without it keep
-    their random stream."""
+    be drawn and a seed's mean colour is not copied. `multires` > 0 adds the same lesson for coarse layout
+    (kohya's multires noise): noise drawn at 1/2, 1/4, … of the latent size, upsampled and weighted multires,
+    multires², …, the sum scaled back to unit standard deviation. Each is drawn only when asked, so runs
+    without them keep their random stream."""
     noise = torch.randn(shape, generator=generator, device=device)
     if offset:
         noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
-    return noise
+    if not multires:
+        return noise
+    height, width = shape[-2:]
+    level = 1
+    while min(height, width) >> (level - 1) > 1:  # down to 1×1 on the shorter side
+        coarse = (max(1, height >> level), max(1, width >> level))
+        low = torch.randn((*shape[:2], *coarse), generator=generator, device=device)
+        noise = noise + multires**level * F.interpolate(low, size=(height, width), mode="bilinear")
+        level += 1
+    return noise / noise.std()
 
 
 def from_pure_noise(sched, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, pure: torch.Tensor):
