@@ -303,3 +303,15 @@ def test_bad_input_is_one_line_and_exit_1_with_nothing_written(case, tiny_models
 def test_an_unknown_mode_is_one_line_and_exit_1(cli, image):
     code, _, stderr = cli("train", image, "--mode", "textual-inversion")
     assert code == 1 and "--mode must be copy, slider, dreambooth or wrong, not" in stderr
+
+
+def test_a_checkpoint_from_before_multires_noise_resumes_as_off_and_refuses_it_on(tmp_path):
+    """state.json files written before --multires-noise existed have no such key: they trained without it."""
+    from loratool.errors import InputError
+    from loratool.train.checkpoint import MUST_MATCH, _check_settings
+
+    settings = {key: None for key in MUST_MATCH} | {"multires_noise": 0.0}
+    old = {key: value for key, value in settings.items() if key != "multires_noise"}
+    _check_settings(tmp_path / "state.json", old, settings)
+    with pytest.raises(InputError, match="multires_noise"):
+        _check_settings(tmp_path / "state.json", old, settings | {"multires_noise": 0.5})
