@@ -13,6 +13,9 @@ from loratool.errors import InputError
 from loratool.options import read_toml
 
 NOT_REPRODUCED = ("force", "resume")  # a recorded --force must not overwrite the next time without asking
+# Settings a verb gained after its outputs first recorded configs (and checkpoints their settings): a record
+# without one ran with this value, whatever today's default is.
+ADDED_LATER = {"train": {"multires_noise": 0.0}}
 
 
 def config_file(path: Path, verb: str) -> dict:
@@ -29,6 +32,7 @@ def config_file(path: Path, verb: str) -> dict:
         raise InputError(f"--config {path}: give a .toml file, or a LoRA .safetensors / .json an output recorded.")
     if not isinstance(recorded, dict):
         raise InputError(f"--config {path} records no `loratool {verb}` config to reproduce.")
+    recorded = ADDED_LATER.get(verb, {}) | recorded
     return {k: v for k, v in recorded.items() if k not in NOT_REPRODUCED}
 
 

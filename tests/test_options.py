@@ -1,6 +1,7 @@
 """Options declared once: every config field has one CLI option with the field's default, `--config` files
 (TOML or an output's recorded config) feed the same fields, and a flag of another train mode is an error."""
 
+import json
 import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -161,6 +162,21 @@ def test_a_train_run_reproduced_from_its_own_metadata_gives_the_identical_lora(c
     first, second = load_file(copy_lora), load_file(again)
     assert first.keys() == second.keys()
     assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+
+
+def test_a_record_from_before_a_setting_existed_reproduces_as_it_trained_not_with_todays_default(tmp_path):
+    """A copy's report written before --multires-noise trained without it; today a copy defaults to 0.5."""
+    from loratool.recorded import config_file
+
+    old, new = tmp_path / "old.report.json", tmp_path / "new.report.json"
+    old.write_text(json.dumps({"settings": {"images": ["a.png"], "rank": 4}}))
+    new.write_text(json.dumps({"settings": {"images": ["a.png"], "multires_noise": 0.5}}))
+    assert TrainConfig(**config_file(old, "train")).multires_noise == 0.0
+    assert TrainConfig(**config_file(new, "train")).multires_noise == 0.5
+    assert TrainConfig(images=["a.png"]).multires_noise == 0.5
+    toml = tmp_path / "mine.toml"  # a hand-written file asks for today's defaults
+    toml.write_text('images = ["a.png"]\n')
+    assert TrainConfig(**config_file(toml, "train")).multires_noise == 0.5
 
 
 def test_the_recorded_base_model_is_the_default_model(copy_lora, tiny_models, cli, captured, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from loratool import recorded
 from loratool.errors import InputError, LoratoolError
 from loratool.files import atomic_path, sweep
 
@@ -28,8 +29,7 @@ MUST_MATCH = (
     *("pure_noise", "base_loras", "mode", "prompt", "class_prompt", "num_class_images", "prior_loss_weight"),
     *("batch_size", "train_text_encoder", "conv_rank", "conv_alpha", "data_sha256", "multires_noise"),
 )
-# Settings added after checkpoints were first written: an older checkpoint trained with the option's off value.
-ADDED_LATER = {"multires_noise": 0.0}
+ADDED_LATER = recorded.ADDED_LATER["train"]  # what an older checkpoint, lacking a setting, trained with
 
 
 @dataclass
@@ -127,9 +127,10 @@ def _check_settings(path: Path, saved: dict, settings: dict) -> None:
             raise InputError(
                 f"--resume: {path} was trained on other images or captions; remove {folder} to start over."
             )
-        if saved.get(key, ADDED_LATER.get(key)) != settings.get(key):
+        was = saved.get(key, ADDED_LATER.get(key))  # a setting older checkpoints lack: what they trained with
+        if was != settings.get(key):
             raise InputError(
-                f"--resume: {path} was trained with {key}={saved.get(key)!r}, "
+                f"--resume: {path} was trained with {key}={was!r}, "
                 f"not {settings.get(key)!r}; pass the same settings or remove {folder}."
             )
 
