@@ -221,24 +221,28 @@ def test_stop_when_copied_is_on_by_default_and_reads_older_configs():
 
 
 def test_copy_and_slider_mode_default_to_the_measured_copy_settings_and_the_others_do_not():
-    """lr 1e-3, offset noise 0.2, a quarter from pure noise (benchmarks/copies.py), and multi-resolution noise
-    0.5 for a copy of one image only: a --pair's halves and slider mode train without it (it weakened place
-    sliders). Dreambooth and text sliders keep no offset, pure or multi-resolution noise; a value given wins,
-    and the record holds the values used, never None."""
+    """lr 1e-3, offset noise 0.2, a quarter from pure noise (benchmarks/copies.py), and for a copy of one image
+    only multi-resolution noise 0.5 and rank-4 LoRAs on the 3×3 convs: a --pair's halves and slider mode train
+    without them. Dreambooth and text sliders keep no offset, pure or multi-resolution noise and no convs; a
+    value given wins, and the record holds the values used, never None."""
     from loratool.train.config import DreamboothConfig, SliderConfig
 
     copy = TrainConfig(images=["a.png"])
-    assert (copy.lr, copy.noise_offset, copy.pure_noise, copy.multires_noise) == (1e-3, 0.2, 0.25, 0.5)
+    assert (copy.lr, copy.noise_offset, copy.pure_noise) == (1e-3, 0.2, 0.25)
+    assert (copy.multires_noise, copy.conv_rank) == (0.5, 4)
     assert copy.record()["noise_offset"] == 0.2 and copy.record()["multires_noise"] == 0.5
+    assert copy.record()["conv_rank"] == 4
     for halves in (TrainConfig(images=["a.png", "b.png"], pair=True), SliderConfig(images=["a.png", "b.png"])):
-        assert (halves.lr, halves.noise_offset, halves.pure_noise, halves.multires_noise) == (1e-3, 0.2, 0.25, 0.0)
+        assert (halves.lr, halves.noise_offset, halves.pure_noise) == (1e-3, 0.2, 0.25)
+        assert (halves.multires_noise, halves.conv_rank) == (0.0, 0)
     booth = DreamboothConfig(images=["d"], prompt="sks")
-    assert (booth.lr, booth.noise_offset, booth.pure_noise, booth.multires_noise) == (1e-4, 0.0, 0.0, 0.0)
+    assert (booth.lr, booth.noise_offset, booth.pure_noise, booth.multires_noise, booth.conv_rank) == (1e-4, 0, 0, 0, 0)
     text = SliderConfig(images=[], positive="a large circle", negative="a small circle")
-    assert (text.noise_offset, text.pure_noise, text.multires_noise) == (0.0, 0.0, 0.0)
-    given = TrainConfig(images=["a.png"], lr=5e-4, noise_offset=0.0, pure_noise=0.0, multires_noise=0.0)
-    assert (given.lr, given.noise_offset, given.pure_noise, given.multires_noise) == (5e-4, 0.0, 0.0, 0.0)
-    assert TrainConfig(images=["a.png", "b.png"], pair=True, multires_noise=0.5).multires_noise == 0.5
+    assert (text.noise_offset, text.pure_noise, text.multires_noise, text.conv_rank) == (0.0, 0.0, 0.0, 0)
+    given = TrainConfig(images=["a.png"], lr=5e-4, noise_offset=0.0, pure_noise=0.0, multires_noise=0.0, conv_rank=0)
+    assert (given.lr, given.noise_offset, given.pure_noise, given.multires_noise, given.conv_rank) == (5e-4, 0, 0, 0, 0)
+    asked = TrainConfig(images=["a.png", "b.png"], pair=True, multires_noise=0.5, conv_rank=2)
+    assert (asked.multires_noise, asked.conv_rank) == (0.5, 2)
 
 
 def test_resolution_defaults_to_the_models_native_size(tiny_models, image, tmp_path):
