@@ -134,17 +134,18 @@ def test_conv_alpha_needs_conv_rank():
     from loratool.errors import InputError
 
     with pytest.raises(InputError, match="--conv-alpha needs --conv-rank"):
-        TrainConfig(images=["a.png"], conv_alpha=4.0)
+        TrainConfig(images=["a.png"], conv_rank=0, conv_alpha=4.0)
+    with pytest.raises(InputError, match="--conv-alpha needs --conv-rank"):  # a pair's copies: no convs by default
+        TrainConfig(images=["a.png", "b.png"], pair=True, conv_alpha=4.0)
+    assert TrainConfig(images=["a.png"], conv_alpha=2.0).conv_rank == 4  # a copy of one image has them
 
 
 @pytest.fixture(scope="module")
 def copy_slider(tiny_models, pair, tmp_path_factory):
+    """A copy standing in for a slider, so trained as a slider's half is: no convs, no multi-resolution noise."""
     out = tmp_path_factory.mktemp("cal") / "copy.safetensors"
-    run(
-        TrainConfig(
-            images=[pair[0]], model=str(tiny_models / "base"), output=out, check_every=0, steps=10, rank=4, lr=1e-2
-        )
-    )
+    settings = dict(check_every=0, steps=10, rank=4, lr=1e-2, conv_rank=0, multires_noise=0.0)
+    run(TrainConfig(images=[pair[0]], model=str(tiny_models / "base"), output=out, **settings))
     return out
 
 
