@@ -19,6 +19,7 @@ from loratool.metrics import psnr
 
 pytestmark = pytest.mark.slow
 SEEDS = [0, 1, 2, 3]
+UNSEEN = [100, 101, 102, 103]  # seeds no copy check renders
 # Floors under what the shipped lab (v2 fine-tuned with decoys) measures on these 4 seeds (8-seed figures are
 # in datasets/README.md). The aims of the demo-v2 issue (Spearman 0.95, largest jump 0.5, kept 0.9) are not
 # all met yet: these floors catch a regression to v1's switches (largest jump 0.73-0.90 on the same pairs),
@@ -91,15 +92,15 @@ def test_demo_command_writes_the_whole_workflow_and_prints_where(size_run):
     assert sweep["summary"]["mean_glide"] is not None  # the generic metrics of every sweep
 
 
-def _renders(lora, out, scales):
+def _renders(lora, out, scales, seeds=SEEDS):
     from loratool import sample
 
     sample.run(
         sample.SampleConfig(
-            output=out, loras=[str(lora)], scales=scales, seeds=SEEDS, steps=20, model="demo", refiner=None
+            output=out, loras=[str(lora)], scales=scales, seeds=seeds, steps=20, model="demo", refiner=None
         )
     )
-    return {(seed, s): out / f"seed{seed}_scale{s:.2f}.png" for seed in SEEDS for s in scales}
+    return {(seed, s): out / f"seed{seed}_scale{s:.2f}.png" for seed in seeds for s in scales}
 
 
 def _tensor(path):
@@ -120,9 +121,10 @@ def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(size
 @pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.xdist_group(f"copy-{i}")) for i in range(3)])
 def test_copy_mode_defaults_copy_unseen_scenes_in_their_own_colour_from_any_seed(index, tmp_path):
     """Copy mode with nothing but the model and a 600-step budget, on random scenes no test or benchmark tuned
-    to (draw seed 4242): every seed renders the image's colour and the copy stops once it holds. The colour is
-    the one the demo VAE gives the image back (it bends some hues by up to ~30°, e.g. this orange to red): a
-    copy can draw what the VAE can decode, no more."""
+    to (draw seed 4242), rendered on seeds the copy check never draws (it watches 0, 1, …): every seed renders
+    the image's colour, none falls under the copy-mode issue's 18 dB (measured: 19.4 at worst, 23.1 else), and
+    the copy stops once it holds. The colour is the one the demo VAE gives the image back (it bends some hues by
+    up to ~30°, e.g. this orange to red): a copy can draw what the VAE can decode, no more."""
     from loratool.demo import shapes
     from loratool.train import TrainConfig, run
 
@@ -130,13 +132,13 @@ def test_copy_mode_defaults_copy_unseen_scenes_in_their_own_colour_from_any_seed
     shapes.render(shapes.scene_for(4242, index, drop_words=False)).save(image)
     run(TrainConfig(images=[image], output=lora, model="demo", steps=600))
     report = json.loads((tmp_path / "copy.report.json").read_text())
-    renders = _renders(lora, tmp_path / "renders", [0.0, 1.0])
+    renders = _renders(lora, tmp_path / "renders", [0.0, 1.0], UNSEEN)
     target, hue = _tensor(image), shapes.describe(_through_vae(image)).hue
-    values = [psnr(_tensor(renders[seed, 1.0]), target).item() for seed in SEEDS]
-    without = np.mean([psnr(_tensor(renders[seed, 0.0]), target).item() for seed in SEEDS])
-    seen = [shapes.describe(Image.open(renders[seed, 1.0])).hue for seed in SEEDS]
+    values = [psnr(_tensor(renders[seed, 1.0]), target).item() for seed in UNSEEN]
+    without = np.mean([psnr(_tensor(renders[seed, 0.0]), target).item() for seed in UNSEEN])
+    seen = [shapes.describe(Image.open(renders[seed, 1.0])).hue for seed in UNSEEN]
     assert all(h is not None and abs(shapes.hue_difference(hue, h)) <= 30 for h in seen), (hue, seen)
-    assert np.mean(values) >= 22.0 and min(values) >= 17.0, (values, without, report["copy"]["curve"])
+    assert np.mean(values) >= 22.0 and min(values) >= 18.0, (values, without, report["copy"]["curve"])
     assert np.mean(values) - without >= 6.0 and report["copy"]["copied"], (values, without)
 
 
