@@ -135,8 +135,7 @@ def child(args) -> None:
         optimizer="adamw8bit" if "8bit" in args.variant else "adamw",
         # the loop is what is compared: the straightforward one draws plain noise, and the recorded figures
         # are of attention and linear LoRAs, so neither copy default of 2026-12-07 applies here
-        multires_noise=0.0,
-        conv_rank=0,
+        **TrainConfig.OFF,
     )
     import accelerate  # noqa: F401  libraries first: their import is not training memory
     import diffusers  # noqa: F401

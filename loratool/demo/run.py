@@ -99,7 +99,7 @@ def write_pair(config: DemoConfig) -> tuple[Path, Path, dict]:
 def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: list[str] | None = None) -> Path:
     """A copy LoRA of one image, or (two images) a slider trained on the pair: +1 → first, −1 → second. The
     copies are a slider's halves, so they train as `train --pair` does: without multi-resolution noise or
-    LoRAs on the 3×3 convs (see train.config.COPY_MULTIRES_NOISE)."""
+    LoRAs on the 3×3 convs (TrainConfig.OFF; see train.config.COPY_MULTIRES_NOISE)."""
     from loratool import train
 
     settings = (train.SliderConfig if len(images) == 2 else train.TrainConfig)(
@@ -113,8 +113,7 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
         check_every=max(1, config.steps // 3),
         check_seeds=2,
         check_steps=12,
-        multires_noise=0.0,
-        conv_rank=0,
+        **train.TrainConfig.OFF,
         base_loras=base_loras or [],
         force=config.force,
     )

@@ -151,11 +151,9 @@ class TrainConfig:
     OFF = {"multires_noise": 0.0, "conv_rank": 0}
 
     def apply_mode_defaults(self) -> None:
-        """Unset learning rate and noise settings take this mode's defaults, so outputs record the values used."""
-        for name, value in self.MODE_DEFAULTS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        for name, value in (self.OFF if self.pair else self.ONE_IMAGE_DEFAULTS).items():
+        """Unset learning rate, noise settings and conv rank take this mode's defaults (a --pair's halves: OFF),
+        so outputs record the values used."""
+        for name, value in (self.MODE_DEFAULTS | (self.OFF if self.pair else self.ONE_IMAGE_DEFAULTS)).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
