@@ -6,6 +6,8 @@ The change at scale s is the mean absolute pixel change (`metrics.mean_abs_chang
 half the change between the pair's images: 0 sits between A and B, so each end moves half the way. Change is
 not linear in scale, so the factor c is found by secant steps on log(change) vs log(scale); the slider is
 then written with both factors times √c (ΔW times c; alpha, and so every loader's reading, unchanged).
+A scale whose renders come out NaN is too strong: it counts as an infinite change, so the search steps back
+below it, and it can never be the answer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loratool.errors import InputError
+from loratool.errors import InputError, NonFiniteRender
 from loratool.lora.network import COMPONENT_MODELS, LoraModule, LoraNetwork
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Sweep:
     pipe: object
     prompt: str
     size: int
-    tried: list[tuple[float, float]] = field(default_factory=list)  # (scale, change)
+    tried: list[tuple[float, float | None]] = field(default_factory=list)  # (scale, change); None: NaN renders
     _zero: list = field(default_factory=list)
 
     def render(self, scale: float) -> list:
@@ -54,8 +56,13 @@ class Sweep:
         from loratool.metrics import mean_abs_change
 
         if not self._zero:
-            self._zero[:] = self.render(0.0)
-        renders = self.render(scale) + self.render(-scale)
+            self._zero[:] = self.render(0.0)  # a model that renders NaN unaided is an error, not a scale
+        try:
+            renders = self.render(scale) + self.render(-scale)
+        except NonFiniteRender:
+            self.tried.append((scale, None))
+            log.info("calibration: scale %.3g renders NaN: too strong", scale)
+            return math.inf
         zero = self._zero * 2
         value = sum(mean_abs_change(r, z) for r, z in zip(renders, zero, strict=True)) / len(renders)
         self.tried.append((scale, value))
@@ -73,18 +80,41 @@ def pair_change(images: list[Path], size: int) -> float:
 
 
 def solve(change, target: float) -> tuple[float, float]:
-    """The scale whose change is nearest `target`: a linear first guess, then secant steps in log-log."""
+    """The scale whose change is nearest `target`: a linear first guess, then secant steps in log-log. A scale
+    whose renders are NaN (change inf) is never the answer, and later tries stay below it."""
     points = [(1.0, change(1.0))]
+    if math.isinf(points[0][1]):
+        raise InputError(
+            "--calibrate: the slider already turns renders to NaN at ±1; merge it with a smaller weight first."
+        )
     if points[0][1] <= 0:
         raise InputError("--calibrate: the slider changes nothing at ±1 on these seeds; nothing to rescale.")
-    scale = min(max(target / points[0][1], 1 / LIMIT), LIMIT)
+    scale = _clamp(target / points[0][1])
     while len(points) < MAX_RENDERS and abs(points[-1][1] / target - 1) > TOLERANCE:
         points.append((scale, change(scale)))
-        (s0, m0), (s1, m1) = points[-2], points[-1]
+        scale = _next_scale(points, target)
+    return min((p for p in points if math.isfinite(p[1])), key=lambda p: abs(p[1] / target - 1))
+
+
+def _next_scale(points: list[tuple[float, float]], target: float) -> float:
+    """The secant step through the last two finite points (points[0] is finite), kept below the smallest scale
+    that rendered NaN: past it, halfway (in log) from the largest finite scale under it."""
+    finite = [p for p in points if math.isfinite(p[1])]
+    scale = math.inf
+    if math.isfinite(points[-1][1]):
+        (s0, m0), (s1, m1) = finite[-2], finite[-1]
         slope = math.log(m1 / m0) / math.log(s1 / s0) if m0 > 0 and m1 > 0 and s1 != s0 else 0.0
         step = math.log(target / m1) / slope if slope > 0.05 else math.log(target / m1)  # flat or odd: linear
-        scale = min(max(s1 * math.exp(step), 1 / LIMIT), LIMIT)
-    return min(points, key=lambda p: abs(p[1] / target - 1))
+        scale = _clamp(s1 * math.exp(step))
+    broken = [s for s, m in points if not math.isfinite(m)]
+    if broken and scale >= min(broken):
+        below = [s for s, _ in finite if s < min(broken)]
+        scale = math.sqrt((max(below) if below else min(broken) / 4) * min(broken))
+    return scale
+
+
+def _clamp(scale: float) -> float:
+    return min(max(scale, 1 / LIMIT), LIMIT)
 
 
 def rescaled(network: LoraNetwork, factor: float) -> LoraNetwork:

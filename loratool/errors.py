@@ -21,3 +21,8 @@ class InputError(LoratoolError):
 
 class OutputExistsError(LoratoolError):
     """Refusing to overwrite an existing output without --force."""
+
+
+class NonFiniteRender(LoratoolError):
+    """A render whose pixels came out NaN or infinite (a LoRA too strong at its scale, or an fp16 VAE that
+    overflowed), refused instead of saved as the black image diffusers' 8-bit cast would make of it."""

@@ -206,6 +206,16 @@ def _fails(cli, tiny, tmp_path, message, *args):
     assert not out.exists()
 
 
+def test_a_scale_that_breaks_the_model_fails_naming_it_and_writes_nothing(cli, tiny_models, loras, tmp_path):
+    """NaN renders are refused: not written as black images, with numpy's cast warning on stderr."""
+    out = tmp_path / "o"
+    args = ["--lora", loras / "b.safetensors", "--values", "100000", "--seeds", "0", "--refiner", "none"]
+    code, _, err = cli("sample", "--steps", "2", "-o", out, "--model", tiny_models / "base", *args)
+    assert code == 1 and "At scale 100000, seed 0 rendered NaN or infinite pixels" in err, err
+    assert "Traceback" not in err and "invalid value" not in err and "Warning" not in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_existing_sweep_needs_force(cli, tiny_models, loras, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "sheet.png").write_bytes(b"keep")

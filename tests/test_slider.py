@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import re
 
 import numpy as np
@@ -311,3 +312,32 @@ def test_the_demo_recipe_4_trains_on_the_pairs_two_captions_in_the_sweep_prompt(
     (settings,) = seen
     assert (settings.positive, settings.negative) == (plus.caption, minus.caption)
     assert settings.target == config.sweep_prompt() == "a square in the center" and settings.images == []
+
+
+def test_calibration_steps_back_below_a_scale_whose_renders_are_nan():
+    """A scale that breaks the model is an infinite change: never the answer, and later tries stay below it."""
+    from loratool import calibrate
+    from loratool.errors import InputError
+
+    tried = []
+
+    def change(scale):  # linear, but NaN renders from ×5 on: the target's ×20 is out of reach
+        tried.append(scale)
+        return math.inf if scale >= 5 else 0.01 * scale
+
+    scale, measured = calibrate.solve(change, 0.2)
+    assert 1 < scale < 5 and measured == pytest.approx(0.01 * scale)
+    broken = sorted(s for s in tried if s >= 5)
+    assert broken and len(set(broken)) == len(broken)  # no NaN scale tried twice
+    assert max(s for s in tried if s < 5) == scale  # and the largest finite one won
+    with pytest.raises(InputError, match="NaN at ±1"):
+        calibrate.solve(lambda scale: math.inf, 0.2)
+
+
+def test_a_calibration_render_that_is_nan_counts_as_infinite_change(tiny_models, copy_slider, recwarn):
+    from loratool.calibrate import Sweep, pipeline_with
+
+    model = str(tiny_models / "base")
+    sweep = Sweep(pipeline_with(model, read(copy_slider, model_index(model)).network), "", 64)
+    assert math.isinf(sweep.change(1e5)) and sweep.tried == [(1e5, None)]
+    assert not [w for w in recwarn if "invalid value" in str(w.message)]  # no 8-bit cast of NaN happened

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loratool.errors import InputError
+from loratool.errors import InputError, NonFiniteRender
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -91,7 +91,8 @@ class Schedule:
 
 
 def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds: dict, refiner_embeds: dict | None):
-    """One PIL image for one seed: base to high_noise_frac, then the refiner (if any) finishes."""
+    """One PIL image for one seed: base to high_noise_frac, then the refiner (if any) finishes. A render with
+    NaN or infinite pixels raises NonFiniteRender (see `pixels`)."""
     import torch
 
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -104,6 +105,7 @@ def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds:
         **prompt.conditioning(),
     )
     hand_off = refiner is not None and schedule.high_noise_frac < 1.0
+    wanted = "np" if schedule.output_type == "pil" else schedule.output_type  # checked, then made PIL here
     extra = {}
     if schedule.callback is not None:
         extra = dict(
@@ -118,18 +120,31 @@ def render(base, refiner, prompt: Prompt, schedule: Schedule, seed: int, embeds:
             height=schedule.height,
             generator=generator,
             denoising_end=schedule.high_noise_frac if hand_off else None,
-            output_type="latent" if hand_off else schedule.output_type,
+            output_type="latent" if hand_off else wanted,
         ).images
-        if not hand_off:
-            return out[0]
-        return refiner(
-            **refiner_embeds,
-            **common,
-            image=out,
-            denoising_start=schedule.high_noise_frac,
-            generator=generator,
-            output_type=schedule.output_type,
-        ).images[0]
+        if hand_off:
+            out = refiner(
+                **refiner_embeds,
+                **common,
+                image=out,
+                denoising_start=schedule.high_noise_frac,
+                generator=generator,
+                output_type=wanted,
+            ).images
+    return pixels(base, out, seed) if schedule.output_type == "pil" else out[0]
+
+
+def pixels(pipe, images, seed: int):
+    """The first of a pipeline's float images as PIL, as diffusers converts them, once it is known to be
+    finite: diffusers would cast NaN to 0 (a black image) and numpy would warn on stderr."""
+    import numpy as np
+
+    if not np.isfinite(images[0]).all():
+        raise NonFiniteRender(
+            f"seed {seed} rendered NaN or infinite pixels: a LoRA this strong breaks this model (sweep smaller "
+            "scales), or in fp16 the VAE overflowed (--precision fp32, or a VAE fixed for fp16 via --vae)."
+        )
+    return pipe.image_processor.numpy_to_pil(images[:1])[0]
 
 
 def base_steps(steps: int, high_noise_frac: float, timesteps: list[int], train_steps: int = 1000) -> int:

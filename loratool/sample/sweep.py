@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from loratool.errors import NonFiniteRender
 from loratool.sample.config import SampleConfig
 from loratool.sample.pipeline import Prompt, Schedule, base_steps, embeddings, render, step_embeds
 
@@ -71,7 +72,10 @@ def render_sweep(
         embeds = embeds_for(first)
         for seed in config.seeds:
             adapters.set(first)
-            images[(seed, scale)] = render(base, refiner, prompt, plan, seed, embeds, refiner_embeds)
+            try:
+                images[(seed, scale)] = render(base, refiner, prompt, plan, seed, embeds, refiner_embeds)
+            except NonFiniteRender as error:
+                raise NonFiniteRender(f"At scale {scale:g}, {error}") from None
             log.info("rendered seed %d scale %g", seed, scale)
     adapters.set(off)
     return images
