@@ -333,6 +333,16 @@ def test_a_lora_without_effect_has_no_change_and_no_glide(cli, tiny_models, lora
     assert "slider: mean glide n/a" in err
 
 
+def test_the_summary_line_says_why_a_sweep_has_no_glide():
+    from loratool.sample.quality import measure, summarise, summary_line
+
+    flat = {(0, s): np.zeros((2, 2, 3), np.uint8) for s in (0.0, 1.0)}
+    assert "mean glide n/a (one scale swept)" in summary_line(summarise([1.0], measure([1.0], [0], flat)))
+    flat |= {(0, -1.0): np.zeros((2, 2, 3), np.uint8)}
+    line = summary_line(summarise([-1.0, 1.0], measure([-1.0, 1.0], [0], flat)))
+    assert "mean glide n/a (no change between neighbouring scales)" in line
+
+
 def test_slider_metrics_of_a_one_sided_sweep():
     """Scales 0..1 have no negative side: its growth is None (not False) and the summary line names one side."""
     from loratool.sample.quality import seed_metrics, summarise, summary_line

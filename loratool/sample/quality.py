@@ -77,11 +77,11 @@ def summary_line(summary: dict) -> str:
     """One line for stderr, e.g. `slider: mean glide 0.31 (even = 0.25), change grows with |scale| on both
     sides on 4/4 seeds, Spearman 0.98`."""
     glide, even = summary["mean_glide"], summary["even_glide"]
-    parts = [
-        "slider: mean glide "
-        + ("n/a (no change between neighbouring scales)" if glide is None else f"{glide:.2f}")
-        + ("" if even is None or glide is None else f" (even = {even:.2f})")
-    ]
+    if glide is not None:
+        parts = [f"slider: mean glide {glide:.2f}" + ("" if even is None else f" (even = {even:.2f})")]
+    else:  # one swept scale has no neighbours; several with identical renders have no change between them
+        why = "one scale swept" if even is None else "no change between neighbouring scales"
+        parts = [f"slider: mean glide n/a ({why})"]
     counts = dict(summary["change_grows_on_seeds"])
     every = counts.pop("all_sides")
     if counts:
