@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loratool.errors import InputError, LoraFileError
 from loratool.fold import fold_into_base
+from loratool.lora.targets import UNET_BLOCKS, in_blocks, parse_blocks
 from loratool.options import check_numbers, option
 from loratool.sdxl.index import LoraSpec, ModelIndex, model_index, parse_spec, read
 from loratool.sdxl.models import MODEL_CONFIG_HELP
@@ -34,6 +35,12 @@ class MergeConfig:
     sv_fro: float | None = option(None, "Keep the Frobenius-norm fraction F.", panel=SMALLER)
     sv_ratio: float | None = option(None, "Keep singular values > S0/R.", panel=SMALLER)
     alpha: float | None = option(None, "One alpha for every module (default: the most common merged rank).")
+    blocks: list[str] = option(
+        list(UNET_BLOCKS),
+        "UNet blocks to keep: a subset of down,mid,up (e.g. up: a slider that keeps the layout; text-encoder "
+        "modules stay).",
+        cli_type=str,
+    )
     dtype: str = option("fp16", "fp16 | bf16 | fp32 for the output.")
     float64: bool = option(False, "Compute in float64 (default float32).")
     format: str = option("kohya", "kohya or diffusers.")
@@ -55,6 +62,7 @@ class MergeConfig:
         self.output = Path(self.output)
         self.report = Path(self.report) if self.report is not None else None
         self.inputs = [parse_spec(spec) for spec in self.inputs]  # a bad weight fails before any file is read
+        self.blocks = parse_blocks(self.blocks)
         check_numbers(self)
         if self.alpha is not None and self.alpha <= 0:
             raise InputError(f"--alpha must be positive, not {self.alpha}.")
@@ -86,6 +94,8 @@ class MergeConfig:
             raise InputError(f"--target-change is a mean pixel change in (0, 1), not {self.target_change}.")
         if self.calibrate and self.target_change is not None:
             raise InputError("--calibrate A B sets the target from the pair; drop it or --target-change.")
+        if self.into_base and self.blocks != list(UNET_BLOCKS):
+            raise InputError("--blocks picks the modules of a LoRA file; drop it with --into-base.")
         if self.calibrating and self.into_base:
             raise InputError("--calibrate/--target-change rescale a slider file; drop --into-base.")
 
@@ -95,7 +105,8 @@ class MergeConfig:
 
 
 def _gather(config: MergeConfig, index: ModelIndex):
-    """Read and check every input; → {module key: [(weight, LoraModule, file)]} and input hashes."""
+    """Read and check every input; → {module key: [(weight, LoraModule, file)]} of the modules --blocks keeps,
+    and input hashes."""
     terms: dict[tuple[str, str], list] = {}
     hashes = {}
     for spec in config.inputs:
@@ -103,7 +114,12 @@ def _gather(config: MergeConfig, index: ModelIndex):
         for m in lora.network:
             terms.setdefault(m.key, []).append((lora.weight, m, lora.path))
         hashes[str(lora.path)] = lora.sha256
-    return terms, hashes
+    outside = [k for k in terms if k[0] == "unet" and not in_blocks(k[1], config.blocks)]
+    if len(outside) == len(terms):
+        raise LoraFileError(f"--blocks {','.join(config.blocks)}: none of the inputs' modules lie in those blocks.")
+    if outside:
+        log.info("--blocks %s: left out %d UNet modules of other blocks", ",".join(config.blocks), len(outside))
+    return {k: v for k, v in terms.items() if k not in outside}, hashes
 
 
 def merge_module(key, group, config: MergeConfig):

@@ -57,6 +57,40 @@ def test_svd_merge_is_exact_per_module(cli, tiny_models, pair, base, tmp_path):
         assert m.rank == rank_in  # double rank
 
 
+def test_blocks_keeps_the_up_blocks_exactly_and_the_text_encoders(cli, tiny_models, pair, base, tmp_path):
+    """`--blocks up` (a slider that keeps the layout): the up blocks' ΔW as merged, no other UNet module."""
+    from safetensors import safe_open
+
+    root, a, b = pair
+    args = [root / "a.safetensors:1", root / "b.safetensors:-1", "--blocks", "up"]
+    stderr = _merge(cli, tiny_models, tmp_path / "up.safetensors", *args)
+    assert "--blocks up: left out" in stderr
+    merged = read_lora(tmp_path / "up.safetensors", keymap_for(base.unet))
+    every = a.modules.keys() | b.modules.keys()
+    want = {k for k in every if k[0] != "unet" or k[1].startswith("up_blocks.")}
+    assert merged.modules.keys() == want and any(k[0] != "unet" for k in want) and len(want) < len(every)
+    for key, m in merged.modules.items():
+        delta = (a.modules[key].delta() if key in a.modules else 0) - (
+            b.modules[key].delta() if key in b.modules else 0
+        )
+        assert _relerr(m.delta(), delta) <= 1e-5, key
+    with safe_open(str(tmp_path / "up.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["loratool_recipe"])["blocks"] == ["up"]
+
+
+@pytest.mark.parametrize(
+    "text,expected", [("up", ["up"]), ("up, down", ["down", "up"]), ("mid,down,up", ["down", "mid", "up"])]
+)
+def test_blocks_are_parsed_in_unet_order(text, expected):
+    from loratool.lora.targets import in_blocks, parse_blocks
+
+    assert parse_blocks(text) == expected
+    assert in_blocks("up_blocks.0.attentions.1.proj_in", ["up"]) and not in_blocks(
+        "mid_block.attentions.0.proj_in", ["up"]
+    )
+    assert not in_blocks("conv_in", expected) and not in_blocks("up_blocksX.0", ["up"])
+
+
 def _images(pipe, adapters, weights):
     pipe.set_adapters(adapters, adapter_weights=weights)
     return pipe("", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0)).images
@@ -175,6 +209,12 @@ def test_bad_inputs(cli, tiny_models, pair, base, tmp_path):
     save_file(wrong, tmp_path / "wrong.safetensors")
     _fails(cli, tiny_models, tmp_path, "another base model", A, tmp_path / "wrong.safetensors")
     _fails(cli, tiny_models, tmp_path, "every merged module is zero", A, f"{A}:-1")
+    _fails(cli, tiny_models, tmp_path, "--blocks takes a comma-separated subset", A, "--blocks", "output")
+    down = LoraNetwork({k: m for k, m in a.modules.items() if k[0] == "unet" and k[1].startswith("down_blocks.")})
+    write_lora(down, tmp_path / "down.safetensors", keymap=keymap_for(base.unet))
+    _fails(
+        cli, tiny_models, tmp_path, "none of the inputs' modules lie", tmp_path / "down.safetensors", "--blocks", "up"
+    )
 
 
 def test_fp16_overflow_is_refused(cli, tiny_models, base, tmp_path):

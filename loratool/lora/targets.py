@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from loratool.errors import InputError
+
 TRANSFORMER = "Transformer2DModel"
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# The UNet's three groups of blocks by their diffusers prefix (kohya: input_blocks, middle_block, output_blocks).
+UNET_BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 
 
 def unet_targets(unet, conv: bool = False) -> list[str]:
@@ -34,3 +38,17 @@ def text_targets(text_encoder) -> list[str]:
 
 def is_conv3x3(layer) -> bool:
     return getattr(layer, "kernel_size", (1, 1)) != (1, 1)
+
+
+def parse_blocks(text: str | list[str]) -> list[str]:
+    """`--blocks up` / `down,mid`: which UNet block groups to keep, checked, in UNET_BLOCKS order."""
+    given = [b.strip() for b in (text.split(",") if isinstance(text, str) else text) if b.strip()]
+    wrong = [b for b in given if b not in UNET_BLOCKS]
+    if wrong or not given:
+        raise InputError(f"--blocks takes a comma-separated subset of {', '.join(UNET_BLOCKS)}, not {text!r}.")
+    return [b for b in UNET_BLOCKS if b in given]
+
+
+def in_blocks(path: str, blocks: list[str]) -> bool:
+    """Whether a UNet module path lies in one of `blocks` (conv_in, time embeddings and the like lie in none)."""
+    return any(path.startswith(UNET_BLOCKS[b]) for b in blocks)
