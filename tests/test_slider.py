@@ -131,6 +131,21 @@ def test_locon_training_writes_3x3_modules_that_diffusers_loads(tiny_models, pai
     assert loaded == len(network)
 
 
+def test_blocks_up_trains_loras_on_the_up_blocks_only(tiny_models, pair, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from loratool.lora.targets import unet_targets
+
+    out = tmp_path / "up.safetensors"
+    model = str(tiny_models / "base")
+    run(TrainConfig(images=[pair[0]], model=model, output=out, steps=2, check_every=0, conv_rank=0, blocks="up"))
+    paths = sorted(m.path for m in read(out, model_index(model)).network)
+    every = unet_targets(UNet2DConditionModel.from_pretrained(tiny_models / "base" / "unet"))
+    assert paths == [t for t in every if t.startswith("up_blocks.")] and len(paths) < len(every)
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["loratool_config"])["blocks"] == ["up"]
+
+
 def test_conv_alpha_needs_conv_rank():
     from loratool.errors import InputError
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from loratool.errors import InputError
 from loratool.lora.io import check_file
+from loratool.lora.targets import UNET_BLOCKS, parse_blocks
 from loratool.options import check_numbers, option
 from loratool.sdxl.index import LoraSpec, parse_spec
 from loratool.sdxl.models import DEFAULT_BASE, DEVICE_HELP, MODEL_CONFIG_HELP, MODEL_HELP, check_device
@@ -53,6 +54,12 @@ class TrainConfig:
         f"{COPY_CONV_RANK} for a copy of one image, else 0).",
     )
     conv_alpha: float | None = option(None, "Alpha of the 3×3 conv LoRAs (default: --conv-rank).")
+    blocks: list[str] = option(
+        list(UNET_BLOCKS),
+        "UNet blocks that get LoRAs: a subset of down,mid,up (e.g. up for the halves of a slider that should "
+        "keep the layout; measured in datasets/README.md).",
+        cli_type=str,
+    )
     steps: int = option(1500, "Optimizer steps; in copy and slider mode a budget (they stop once copied).")
     lr: float | None = option(None, "Learning rate (default: 1e-3 in copy and slider mode, 1e-4 in the others).")
     resolution: int | None = option(
@@ -105,6 +112,7 @@ class TrainConfig:
         check_numbers(self)
         check_device(self.device)
         self.check_inputs()
+        self.blocks = parse_blocks(self.blocks)
         _in_range("--rank", self.rank, 1, 128)
         _in_range("--conv-rank", self.conv_rank, 0, 128)
         if self.conv_alpha is not None and (self.conv_alpha <= 0 or not self.conv_rank):

@@ -93,10 +93,10 @@ def fold_base_loras(pipe, config: TrainConfig, index: ModelIndex) -> list[dict]:
 def inject_lora(unet, config: TrainConfig) -> None:
     from peft import LoraConfig
 
-    from loratool.lora.targets import is_conv3x3, unet_targets
+    from loratool.lora.targets import in_blocks, is_conv3x3, unet_targets
 
     unet.requires_grad_(False)
-    targets = unet_targets(unet, conv=config.conv_rank > 0)
+    targets = [t for t in unet_targets(unet, conv=config.conv_rank > 0) if in_blocks(t, config.blocks)]
     # LoCon: the 3×3 convs get --conv-rank/--conv-alpha (peft matches each full path as a pattern)
     convs = [name for name in targets if is_conv3x3(unet.get_submodule(name))]
     conv_alpha = config.conv_alpha or float(config.conv_rank)
