@@ -224,6 +224,37 @@ def test_demo_sweeps_colour_from_a_quarter_in_and_size_and_position_from_the_fir
     assert DemoConfig(concept="colour", lora_start=0.5).lora_start == 0.5
 
 
+def test_demo_trains_on_the_blocks_it_is_given(tmp_path, monkeypatch):
+    """--blocks reaches both halves of a recipe-2 slider; by default they train on every block."""
+    from loratool import train
+    from loratool.demo.run import DemoConfig, make_slider
+
+    assert DemoConfig(concept="size").blocks == ["down", "mid", "up"]
+    seen = []
+    monkeypatch.setattr(train, "run", lambda settings: seen.append(settings.blocks))
+    monkeypatch.setattr("loratool.merge.run", lambda config: config.output)
+    make_slider(DemoConfig(output=tmp_path, blocks="up,mid"), tmp_path / "a.png", tmp_path / "b.png")
+    assert seen == [["mid", "up"], ["mid", "up"]]
+
+
+def test_the_demo_says_when_its_halves_trained_on_some_blocks_only(tmp_path):
+    from loratool.demo.run import describe
+
+    q = {"mean_spearman": 1.0, "mean_glide": 0.4, "span": 0.9, "kept": 0.8}
+    summary = {
+        "config": {"blocks": ["mid", "up"], "lora_start": 0.0, "concept": "size", "seeds": [0], "scales": [-1, 0, 1]},
+        "sweep": str(tmp_path / "sweep"), "slider": "s.safetensors", "sweep_prompt": "a square",
+        "copy_psnr_db": {"copy_plus": 14.1}, "slider_quality": {"summary": q},
+    }  # fmt: skip
+    (tmp_path / "demo.json").write_text(json.dumps(summary))
+    text = "\n".join(describe(tmp_path / "demo.json"))
+    assert "trained on the mid and up blocks" in text and "copy_plus 14.1 dB (halves on some blocks only" in text
+    summary["config"]["blocks"] = ["down", "mid", "up"]
+    (tmp_path / "demo.json").write_text(json.dumps(summary))
+    text = "\n".join(describe(tmp_path / "demo.json"))
+    assert "trained on the" not in text and "halves on some blocks" not in text
+
+
 def test_demo_recipe_3_trains_one_slider_on_the_pair(tmp_path, monkeypatch):
     from loratool import train
     from loratool.demo.run import DemoConfig, make_slider

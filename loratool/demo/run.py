@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import InputError, OutputExistsError
+from loratool.lora.targets import UNET_BLOCKS, parse_blocks
 from loratool.options import option
 from loratool.sample.config import parse_seeds
 
@@ -52,6 +53,12 @@ class DemoConfig:
         "colour (keeps the rest of the scene while the hue moves), 0 for size and position (laid out in the "
         "first steps).",
     )
+    blocks: list[str] = option(
+        list(UNET_BLOCKS),
+        "UNet blocks the slider's LoRAs train on (as train --blocks), e.g. mid,up: a size slider that keeps more "
+        "of the scene but on some pairs hardly moves (datasets/README.md).",
+        cli_type=str,
+    )
     force: bool = option(False, "Overwrite existing outputs.")
 
     def __post_init__(self) -> None:
@@ -71,6 +78,7 @@ class DemoConfig:
             self.lora_start = LORA_START.get(self.concept, 0.0)
         if not 0.0 <= self.lora_start <= 1.0:
             raise InputError(f"--lora-start must be in [0, 1], not {self.lora_start}.")
+        self.blocks = parse_blocks(self.blocks)
 
     def sweep_prompt(self) -> str:
         """A slider is used inside a prompt: by default the scene of the pair minus the concept's words, e.g.
@@ -99,7 +107,7 @@ def write_pair(config: DemoConfig) -> tuple[Path, Path, dict]:
 def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: list[str] | None = None) -> Path:
     """A copy LoRA of one image, or (two images) a slider trained on the pair: +1 → first, −1 → second. The
     copies are a slider's halves, so they train as `train --pair` does: without multi-resolution noise or
-    LoRAs on the 3×3 convs (TrainConfig.OFF; see train.config.COPY_MULTIRES_NOISE)."""
+    LoRAs on the 3×3 convs (TrainConfig.OFF; see train.config.COPY_MULTIRES_NOISE), on `config.blocks`."""
     from loratool import train
 
     settings = (train.SliderConfig if len(images) == 2 else train.TrainConfig)(
@@ -114,6 +122,7 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
         check_seeds=2,
         check_steps=12,
         **train.TrainConfig.OFF,
+        blocks=config.blocks,
         base_loras=base_loras or [],
         force=config.force,
     )
@@ -135,6 +144,7 @@ def _text_slider(config: DemoConfig, output: Path) -> Path:
         positive=plus.caption,
         negative=minus.caption,
         target=config.sweep_prompt(),
+        blocks=config.blocks,
         rank=config.rank,
         alpha=float(config.rank),
         steps=config.steps,
@@ -242,12 +252,17 @@ def describe(summary_path: Path) -> list[str]:
     sweep = Path(summary["sweep"])
     q = summary["slider_quality"]["summary"]
     start = summary["config"].get("lora_start")
+    blocks = summary["config"].get("blocks") or list(UNET_BLOCKS)
     swept = f"swept in the prompt {summary['sweep_prompt']!r}" + (
         f", off for the first {start:g} of the base steps" if start else ""
     )
+    checks = ", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()) or "none (no copies)"
+    if blocks != list(UNET_BLOCKS):
+        swept += f", trained on the {' and '.join(blocks)} blocks"
+        checks += " (halves on some blocks only: not meant to be whole copies)"
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
-        "copy checks: " + (", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()) or "none (no copies)"),
+        f"copy checks: {checks}",
         f"slider: {summary['slider']}  ({swept})",
         f"sheet: {sweep / 'sheet.png'}  animations: {sweep}/sweep-seed*.gif",
         f"{summary['config']['concept']} vs scale over {len(summary['config']['seeds'])} seeds: mean Spearman "
