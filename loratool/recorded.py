@@ -15,7 +15,7 @@ from loratool.options import read_toml
 NOT_REPRODUCED = ("force", "resume")  # a recorded --force must not overwrite the next time without asking
 # Settings a verb gained after its outputs first recorded configs (and checkpoints their settings): a record
 # without one ran with this value, whatever today's default is.
-ADDED_LATER = {"train": {"multires_noise": 0.0}}
+ADDED_LATER = {"train": {"multires_noise": 0.0, "blocks": ["down", "mid", "up"], "vary": []}}
 
 
 def config_file(path: Path, verb: str) -> dict:

@@ -146,6 +146,43 @@ def test_blocks_up_trains_loras_on_the_up_blocks_only(tiny_models, pair, tmp_pat
         assert json.loads(f.metadata()["loratool_config"])["blocks"] == ["up"]
 
 
+def _square(path, half):
+    pixels = np.full((64, 64, 3), 255, np.uint8)
+    pixels[32 - half : 32 + half, 32 - half : 32 + half] = (220, 60, 30)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_vary_hue_trains_each_half_on_its_image_and_seven_turns_of_it(tiny_models, tmp_path):
+    """The same eight turns of the wheel (0 first: the image itself) for both halves; recorded."""
+    from dataclasses import replace
+
+    from loratool.train import copy_machine
+
+    images = [_square(tmp_path / "large.png", 20), _square(tmp_path / "small.png", 8)]
+    config = TrainConfig(images=images, pair=True, vary="hue", model=str(tiny_models / "base"),
+                         output=tmp_path / "half", steps=2, check_every=0)  # fmt: skip
+    latents = [b.latents for b in copy_machine.load_trainee(config, images[0]).source.batches]
+    plain = copy_machine.load_trainee(replace(config, vary=[]), images[0]).source.batch.latents
+    assert len(latents) == 8 and torch.equal(latents[0], plain)
+    assert all(not torch.allclose(a, b, atol=1e-3) for i, a in enumerate(latents) for b in latents[i + 1 :])
+    run(config)
+    for path in config.lora_paths():
+        with safe_open(str(path), "pt") as f:
+            assert json.loads(f.metadata()["loratool_config"])["vary"] == ["hue"]
+
+
+def test_vary_is_for_the_halves_of_a_pair():
+    from loratool.errors import InputError
+
+    with pytest.raises(InputError, match="--vary varies both images of a --pair alike"):
+        TrainConfig(images=["a.png"], vary="hue")
+    with pytest.raises(InputError, match="--vary varies both images of a --pair alike"):
+        SliderConfig(images=["a.png", "b.png"], vary="hue")
+    with pytest.raises(InputError, match="--vary takes hue, not size"):
+        TrainConfig(images=["a.png", "b.png"], pair=True, vary="size")
+
+
 def test_conv_alpha_needs_conv_rank():
     from loratool.errors import InputError
 

@@ -326,3 +326,16 @@ def test_a_checkpoint_from_before_multires_noise_resumes_as_off_and_refuses_it_o
     _check_settings(tmp_path / "state.json", old, settings)
     with pytest.raises(InputError, match=r"multires_noise=0\.0, not 0\.5; pass the same settings"):
         _check_settings(tmp_path / "state.json", old, settings | {"multires_noise": 0.5})
+
+
+def test_a_checkpoint_from_before_blocks_and_vary_resumes_on_every_block_and_refuses_others(tmp_path):
+    from loratool.errors import InputError
+    from loratool.train.checkpoint import MUST_MATCH, _check_settings
+
+    settings = {key: None for key in MUST_MATCH} | {"blocks": ["down", "mid", "up"], "vary": []}
+    old = {key: value for key, value in settings.items() if key not in ("blocks", "vary")}
+    _check_settings(tmp_path / "state.json", old, settings)
+    with pytest.raises(InputError, match=r"blocks=\['down', 'mid', 'up'\], not \['mid', 'up'\]"):
+        _check_settings(tmp_path / "state.json", old, settings | {"blocks": ["mid", "up"]})
+    with pytest.raises(InputError, match=r"vary=\[\], not \['hue'\]"):
+        _check_settings(tmp_path / "state.json", old, settings | {"vary": ["hue"]})

@@ -4,6 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from loratool.data.images import buckets, compare_pair, load_image, pick_bucket, prepare
@@ -124,3 +126,29 @@ def test_pair_reports_difference_and_warns_when_most_pixels_differ(tmp_path, cap
     assert "differ" in caplog.text
     with pytest.raises(InputError, match="same size"):
         compare_pair(tmp_path / "a.png", _save(tmp_path / "d.png", np.zeros((64, 64, 3))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(-720, 720), st.floats(-720, 720))
+def test_turning_the_hue_is_a_rotation_of_the_wheel_that_keeps_saturation_and_value(seed, a, b):
+    """`--vary hue`: the turns of a pair's images. Turns add up, a whole turn changes nothing, greys stay grey,
+    and each pixel keeps its saturation and value (its brightest channel)."""
+    from loratool.data.images import turn_hue
+
+    pixels = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    pixels[:, 0, :] = pixels[0, 0, :]  # a grey row
+    turned = turn_hue(pixels, a)
+    assert torch.allclose(turn_hue(turned, b), turn_hue(pixels, a + b), atol=1e-4)
+    assert torch.allclose(turn_hue(pixels, 360.0), pixels, atol=1e-5)
+    assert torch.allclose(turned[:, 0, :], pixels[:, 0, :], atol=1e-6)
+    x, y = (pixels + 1) / 2, (turned + 1) / 2
+    assert torch.allclose(y.amax(0), x.amax(0), atol=1e-5)  # value
+    assert torch.allclose(y.amax(0) - y.amin(0), x.amax(0) - x.amin(0), atol=1e-5)  # chroma, so saturation
+
+
+def test_a_third_of_a_turn_takes_red_to_green_and_green_to_blue():
+    from loratool.data.images import turn_hue
+
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
+    assert torch.equal(turn_hue(red, 120.0), torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1))
+    assert torch.equal(turn_hue(red, 240.0), torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1))

@@ -138,3 +138,24 @@ def compare_pair(a: Path, b: Path) -> PairDifference:
             b,
         )
     return PairDifference(share, bbox)
+
+
+def turn_hue(pixels, degrees: float):
+    """(3, h, w) RGB in [-1, 1] with every hue turned by `degrees` round the colour wheel; saturation and value
+    (the brightest channel) stay as they were, so greys, black and white do not change. Pure: torch in, out."""
+    import torch
+
+    x = (pixels.float() + 1.0) / 2.0
+    r, g, b = x
+    value, _ = x.max(dim=0)
+    chroma = value - x.min(dim=0).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sector = torch.where(
+        value == r, ((g - b) / safe) % 6.0, torch.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+    )
+    hue = (torch.where(chroma > 0, sector, torch.zeros_like(sector)) + degrees / 60.0) % 6.0
+    # HSV back to RGB without branches: channel n is value − chroma·clamp(min(k, 4 − k), 0, 1), k = (n + hue) mod 6
+    turned = [
+        value - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0) for k in ((n + hue) % 6.0 for n in (5, 3, 1))
+    ]
+    return (torch.stack(turned) * 2.0 - 1.0).to(pixels.dtype)

@@ -66,6 +66,23 @@ class OneBatch:
         return [self.batch]
 
 
+class Variants:
+    """A --pair half with --vary: one of its image's varied versions per step (index 0 is the image itself,
+    which the copy check compares against)."""
+
+    same_noise = False
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def draw(self, generator: torch.Generator) -> list[Batch]:
+        pick = int(torch.randint(len(self.batches), (1,), generator=generator, device=generator.device))
+        return [self.batches[pick]]
+
+    def eval_batches(self) -> list[Batch]:
+        return self.batches[:1]
+
+
 class PairBatches:
     """Slider mode: image A at LoRA scale +1 and image B at −1 at every step, both from the same noise and
     timestep, so the step's gradient is the difference between the two and nothing else."""

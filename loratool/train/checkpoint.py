@@ -28,6 +28,7 @@ MUST_MATCH = (
     *("rank", "alpha", "lr", "seed", "resolution", "optimizer", "gradient_accumulation", "noise_offset"),
     *("pure_noise", "base_loras", "mode", "prompt", "class_prompt", "num_class_images", "prior_loss_weight"),
     *("batch_size", "train_text_encoder", "conv_rank", "conv_alpha", "data_sha256", "multires_noise"),
+    *("blocks", "vary"),
 )
 ADDED_LATER = recorded.ADDED_LATER["train"]  # what an older checkpoint, lacking a setting, trained with
 

@@ -16,6 +16,8 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 QUANTIZATIONS = ("nf4", "int8")
 MODES = ("copy", "slider", "dreambooth", "wrong")
+VARIED = ("hue",)  # what --vary can vary in both images of a pair alike
+VARY_TURNS = tuple(range(0, 360, 45))  # degrees round the colour wheel; 0 is the image itself
 COPY, BOOTH = ("copy", "slider"), ("dreambooth", "wrong")  # slider mode is copy mode on a pair: same options
 TEXT = ("slider",)  # a text slider (--positive/--negative) is slider mode without images
 # 22 dB mean PSNR: an RMS error of 8 % of the range. Measured on the demo, copies whose colour follows the seed
@@ -54,6 +56,12 @@ class TrainConfig:
         f"{COPY_CONV_RANK} for a copy of one image, else 0).",
     )
     conv_alpha: float | None = option(None, "Alpha of the 3×3 conv LoRAs (default: --conv-rank).")
+    vary: list[str] = option(
+        [],
+        "What the halves of a --pair must leave alone, varied alike in both images so the pair does not teach "
+        f"it: hue ({len(VARY_TURNS)} turns of the colour wheel; for a size slider, with --blocks mid,up).",
+        cli_type=str,
+    )
     blocks: list[str] = option(
         list(UNET_BLOCKS),
         "UNet blocks that get LoRAs: a subset of down,mid,up (e.g. up for the halves of a slider that should "
@@ -113,6 +121,7 @@ class TrainConfig:
         check_device(self.device)
         self.check_inputs()
         self.blocks = parse_blocks(self.blocks)
+        self.check_vary()
         _in_range("--rank", self.rank, 1, 128)
         _in_range("--conv-rank", self.conv_rank, 0, 128)
         if self.conv_alpha is not None and (self.conv_alpha <= 0 or not self.conv_rank):
@@ -157,6 +166,15 @@ class TrainConfig:
     MODE_DEFAULTS = {"lr": COPY_LR, "noise_offset": COPY_NOISE_OFFSET}
     ONE_IMAGE_DEFAULTS = {"multires_noise": COPY_MULTIRES_NOISE, "conv_rank": COPY_CONV_RANK}  # a --pair: OFF
     OFF = {"multires_noise": 0.0, "conv_rank": 0}
+
+    def check_vary(self) -> None:
+        if isinstance(self.vary, str):
+            self.vary = [v.strip() for v in self.vary.split(",") if v.strip()]
+        wrong = [v for v in self.vary if v not in VARIED]
+        if wrong:
+            raise InputError(f"--vary takes {', '.join(VARIED)}, not {', '.join(wrong)}.")
+        if self.vary and (not self.pair or getattr(self, "mode", "copy") != "copy"):
+            raise InputError("--vary varies both images of a --pair alike: use it with train --pair A.png B.png.")
 
     def apply_mode_defaults(self) -> None:
         """Unset learning rate, noise settings and conv rank take this mode's defaults (a --pair's halves: OFF),

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
-from loratool.data.images import TrainImage, compare_pair, load_image, prepare
+from loratool.data.images import TrainImage, compare_pair, load_image, prepare, turn_hue
 from loratool.files import sha256
 from loratool.sdxl.index import ModelIndex
-from loratool.train.batch import Batch, OneBatch
+from loratool.train.batch import Batch, OneBatch, Variants
 from loratool.train.check import CopyChecker
 from loratool.train.conditioning import encode_once, release_encoders
-from loratool.train.config import TrainConfig
+from loratool.train.config import VARY_TURNS, TrainConfig
 from loratool.train.model import Trainee, fold_base_loras, inject_lora, load_base
 
 
@@ -45,6 +46,9 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
     index = ModelIndex.of_pipeline(pipe)  # before peft wraps the modules
     base_loras = fold_base_loras(pipe, config, index)
     encoded = encode_once(pipe, image)
+    # --vary hue: the same turns of the wheel for both images of the pair (VARY_TURNS[0] = 0: the image itself)
+    turns = VARY_TURNS[1:] if "hue" in config.vary else ()
+    varied = [encoded] + [encode_once(pipe, replace(image, pixels=turn_hue(image.pixels, d))) for d in turns]
     vae = release_encoders(pipe, keep_decoder=bool(config.check_every))
     inject_lora(pipe.unet, config)
     checker = None
@@ -52,11 +56,10 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
         checker = CopyChecker.of(
             vae, pipe.scheduler.config, encoded, image.pixels, config.check_seeds, config.check_steps
         )
-    batch = Batch(encoded.latent, encoded.time_ids, [""], encoded.prompt_embeds, encoded.pooled)
     trainee = Trainee(
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        source=OneBatch(batch),
+        source=Variants([_batch(e) for e in varied]) if len(varied) > 1 else OneBatch(_batch(encoded)),
         keymap=index.keymap,
         device=encoded.latent.device,
         data_sha256=sha256(image.path),
@@ -67,3 +70,7 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
     if checker:
         trainee.vae_psnr = checker.vae_ceiling()
     return trainee
+
+
+def _batch(encoded) -> Batch:
+    return Batch(encoded.latent, encoded.time_ids, [""], encoded.prompt_embeds, encoded.pooled)
