@@ -8,6 +8,7 @@ measures; the closing notes of the demo issues give them over 8 seeds.
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,7 +69,8 @@ def test_demo_command_writes_the_whole_workflow_and_prints_where(size_run):
     assert stdout.strip().endswith(str(out / "demo.json"))
     assert f"slider: {out / 'slider.safetensors'}" in stdout and "copy checks: copy_minus" in stdout
     assert "size vs scale over 4 seeds: mean Spearman" in stdout
-    assert "off for the first" not in stdout  # the size demo sweeps from the first step, and says no more
+    assert "off for the first" not in stdout  # the size demo sweeps from the first step
+    assert "trained on the mid and up blocks with hue varied" in stdout and "not to be whole copies" in stdout
     assert set(summary["copy_psnr_db"]) == {"copy_minus", "copy_plus"}
     for name in (
         "pair_plus.png",
@@ -107,9 +109,10 @@ def _tensor(path):
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-@pytest.mark.xdist_group("demo-size")
-def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(size_run, tmp_path):
-    _, _, out = size_run
+@pytest.mark.xdist_group("demo-position")
+def test_copy_lora_reproduces_its_image_from_any_seed_with_the_empty_prompt(position_run, tmp_path):
+    """A half of the place slider, trained on every block: a whole copy (the size demo's halves are not)."""
+    out = Path(position_run["slider"]).parent
     target = _tensor(out / "pair_plus.png")
     renders = _renders(out / "copy_plus.safetensors", tmp_path / "copy", [0.0, 1.0])
     without = np.mean([psnr(_tensor(renders[seed, 0.0]), target).item() for seed in SEEDS])

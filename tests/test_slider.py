@@ -172,12 +172,11 @@ def test_vary_hue_trains_each_half_on_its_image_and_seven_turns_of_it(tiny_model
             assert json.loads(f.metadata()["loratool_config"])["vary"] == ["hue"]
 
 
-def test_vary_is_for_the_halves_of_a_pair():
+def test_vary_is_a_copy_mode_option_and_varies_hue_only():
     from loratool.errors import InputError
 
-    with pytest.raises(InputError, match="--vary varies both images of a --pair alike"):
-        TrainConfig(images=["a.png"], vary="hue")
-    with pytest.raises(InputError, match="--vary varies both images of a --pair alike"):
+    assert TrainConfig(images=["a.png"], vary="hue").vary == ["hue"]  # one half at a time: the same turns
+    with pytest.raises(InputError, match="--vary is for copy mode's halves of a slider"):
         SliderConfig(images=["a.png", "b.png"], vary="hue")
     with pytest.raises(InputError, match="--vary takes hue, not size"):
         TrainConfig(images=["a.png", "b.png"], pair=True, vary="size")
@@ -261,17 +260,31 @@ def test_demo_sweeps_colour_from_a_quarter_in_and_size_and_position_from_the_fir
     assert DemoConfig(concept="colour", lora_start=0.5).lora_start == 0.5
 
 
-def test_demo_trains_on_the_blocks_it_is_given(tmp_path, monkeypatch):
-    """--blocks reaches both halves of a recipe-2 slider; by default they train on every block."""
+def test_the_size_demo_trains_its_halves_on_the_mid_and_up_blocks_with_hue_varied():
+    """Per concept unless given, and only for recipe 2, where it was measured (datasets/README.md)."""
+    from loratool.demo.run import DemoConfig
+    from loratool.errors import InputError
+
+    every = ["down", "mid", "up"]
+    size = DemoConfig(concept="size")
+    assert (size.blocks, size.vary) == (["mid", "up"], ["hue"])
+    for concept in ("colour", "position"):
+        assert (DemoConfig(concept=concept).blocks, DemoConfig(concept=concept).vary) == (every, [])
+    assert (DemoConfig(concept="size", recipe=3).blocks, DemoConfig(concept="size", recipe=3).vary) == (every, [])
+    assert DemoConfig(concept="size", blocks="down,mid,up", vary="").vary == []
+    with pytest.raises(InputError, match="--vary varies the two halves of recipe 2"):
+        DemoConfig(concept="size", recipe=3, vary="hue")
+
+
+def test_the_demo_hands_blocks_and_vary_to_both_halves(tmp_path, monkeypatch):
     from loratool import train
     from loratool.demo.run import DemoConfig, make_slider
 
-    assert DemoConfig(concept="size").blocks == ["down", "mid", "up"]
     seen = []
-    monkeypatch.setattr(train, "run", lambda settings: seen.append(settings.blocks))
+    monkeypatch.setattr(train, "run", lambda settings: seen.append((settings.blocks, settings.vary)))
     monkeypatch.setattr("loratool.merge.run", lambda config: config.output)
-    make_slider(DemoConfig(output=tmp_path, blocks="up,mid"), tmp_path / "a.png", tmp_path / "b.png")
-    assert seen == [["mid", "up"], ["mid", "up"]]
+    make_slider(DemoConfig(output=tmp_path, concept="size"), tmp_path / "a.png", tmp_path / "b.png")
+    assert seen == [(["mid", "up"], ["hue"])] * 2
 
 
 def test_the_demo_says_when_its_halves_trained_on_some_blocks_only(tmp_path):
@@ -285,11 +298,11 @@ def test_the_demo_says_when_its_halves_trained_on_some_blocks_only(tmp_path):
     }  # fmt: skip
     (tmp_path / "demo.json").write_text(json.dumps(summary))
     text = "\n".join(describe(tmp_path / "demo.json"))
-    assert "trained on the mid and up blocks" in text and "copy_plus 14.1 dB (halves on some blocks only" in text
+    assert "trained on the mid and up blocks" in text and "copy_plus 14.1 dB (halves made to edit" in text
     summary["config"]["blocks"] = ["down", "mid", "up"]
     (tmp_path / "demo.json").write_text(json.dumps(summary))
     text = "\n".join(describe(tmp_path / "demo.json"))
-    assert "trained on the" not in text and "halves on some blocks" not in text
+    assert "trained on the" not in text and "halves made to edit" not in text
 
 
 def test_demo_recipe_3_trains_one_slider_on_the_pair(tmp_path, monkeypatch):

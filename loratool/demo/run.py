@@ -27,6 +27,11 @@ CONCEPTS = ("size", "colour", "position")
 # there keeps more too, but on the circle and triangle pairs it hardly moves (span 0.15 and 0.04 against 0.96
 # and 0.55), and position is laid out in the first steps: both start at 0.
 LORA_START = {"colour": 0.25}
+# How recipe 2 trains a slider's halves, per concept (datasets/README.md, "Which UNet blocks..."): for size, on
+# the mid and up blocks only and each on its image and seven turns of its hue, so the halves edit the size of
+# what is drawn instead of redrawing their pair. On eight size pairs that kept the rest of the scene on more
+# renders and jumped less on every one; colour and place need the down blocks.
+HALVES = {"size": {"blocks": ["mid", "up"], "vary": ["hue"]}}
 
 
 @dataclass
@@ -53,10 +58,15 @@ class DemoConfig:
         "colour (keeps the rest of the scene while the hue moves), 0 for size and position (laid out in the "
         "first steps).",
     )
-    blocks: list[str] = option(
-        list(UNET_BLOCKS),
-        "UNet blocks the slider's LoRAs train on (as train --blocks), e.g. mid,up: a size slider that keeps more "
-        "of the scene but on some pairs hardly moves (datasets/README.md).",
+    blocks: list[str] | None = option(
+        None,
+        "UNet blocks the slider's LoRAs train on (as train --blocks); default mid,up for size with recipe 2, "
+        "every block otherwise.",
+        cli_type=str,
+    )
+    vary: list[str] | None = option(
+        None,
+        "What recipe 2's halves vary alike (as train --vary); default hue for size, nothing otherwise.",
         cli_type=str,
     )
     force: bool = option(False, "Overwrite existing outputs.")
@@ -78,7 +88,14 @@ class DemoConfig:
             self.lora_start = LORA_START.get(self.concept, 0.0)
         if not 0.0 <= self.lora_start <= 1.0:
             raise InputError(f"--lora-start must be in [0, 1], not {self.lora_start}.")
-        self.blocks = parse_blocks(self.blocks)
+        halves = HALVES.get(self.concept, {}) if self.recipe == 2 else {}
+        self.blocks = parse_blocks(halves.get("blocks", list(UNET_BLOCKS)) if self.blocks is None else self.blocks)
+        if self.vary is None:
+            self.vary = halves.get("vary", [])
+        if isinstance(self.vary, str):
+            self.vary = [v.strip() for v in self.vary.split(",") if v.strip()]
+        if self.vary and self.recipe != 2:
+            raise InputError("--vary varies the two halves of recipe 2; drop it with --recipe 1, 3 or 4.")
 
     def sweep_prompt(self) -> str:
         """A slider is used inside a prompt: by default the scene of the pair minus the concept's words, e.g.
@@ -123,6 +140,7 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
         check_steps=12,
         **train.TrainConfig.OFF,
         blocks=config.blocks,
+        vary=config.vary if len(images) == 1 else [],
         base_loras=base_loras or [],
         force=config.force,
     )
@@ -256,10 +274,14 @@ def describe(summary_path: Path) -> list[str]:
     swept = f"swept in the prompt {summary['sweep_prompt']!r}" + (
         f", off for the first {start:g} of the base steps" if start else ""
     )
+    vary = summary["config"].get("vary") or []
     checks = ", ".join(f"{k} {v} dB" for k, v in summary["copy_psnr_db"].items()) or "none (no copies)"
     if blocks != list(UNET_BLOCKS):
         swept += f", trained on the {' and '.join(blocks)} blocks"
-        checks += " (halves on some blocks only: not meant to be whole copies)"
+    if vary:
+        swept += f" with {' and '.join(vary)} varied"
+    if blocks != list(UNET_BLOCKS) or vary:
+        checks += " (halves made to edit, not to be whole copies)"
     return [
         f"pair: {summary_path.parent / 'pair_minus.png'} (-1) {summary_path.parent / 'pair_plus.png'} (+1)",
         f"copy checks: {checks}",

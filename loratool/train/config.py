@@ -58,8 +58,9 @@ class TrainConfig:
     conv_alpha: float | None = option(None, "Alpha of the 3×3 conv LoRAs (default: --conv-rank).")
     vary: list[str] = option(
         [],
-        "What the halves of a --pair must leave alone, varied alike in both images so the pair does not teach "
-        f"it: hue ({len(VARY_TURNS)} turns of the colour wheel; for a size slider, with --blocks mid,up).",
+        "What a slider's halves (--pair) must leave alone, varied alike in every image (the same turns), so the "
+        f"pair does not teach it: hue ({len(VARY_TURNS)} turns of the colour wheel; for a size slider, with "
+        "--blocks mid,up).",
         cli_type=str,
     )
     blocks: list[str] = option(
@@ -173,8 +174,9 @@ class TrainConfig:
         wrong = [v for v in self.vary if v not in VARIED]
         if wrong:
             raise InputError(f"--vary takes {', '.join(VARIED)}, not {', '.join(wrong)}.")
-        if self.vary and (not self.pair or getattr(self, "mode", "copy") != "copy"):
-            raise InputError("--vary varies both images of a --pair alike: use it with train --pair A.png B.png.")
+        mode = getattr(self, "mode", "copy")
+        if self.vary and mode != "copy":
+            raise InputError(f"--vary is for copy mode's halves of a slider (--pair A B); drop it with --mode {mode}.")
 
     def apply_mode_defaults(self) -> None:
         """Unset learning rate, noise settings and conv rank take this mode's defaults (a --pair's halves: OFF),
