@@ -29,9 +29,9 @@ UNSEEN = [100, 101, 102, 103]  # seeds no copy check renders
 # jump on 4 seeds is 0.76 here, 0.68 on v2.
 FLOORS = {"mean_spearman": 0.7, "span": 0.5}
 MAX_GLIDE = {"size": 0.72, "colour": 0.72, "position": 0.8}
-# Size is swept from the first step, where it drags hue or shape along on most seeds (4 seeds: 0.31 kept);
-# colour from a quarter in (1.0).
-KEPT = {"size": 0.25, "colour": 0.85, "position": 0.5}
+# Size trains its halves on the mid and up blocks with hue varied, which keeps the scene on 0.69 of these
+# renders (halves on every block, which drag hue or shape along: 0.31); colour is swept from a quarter in (1.0).
+KEPT = {"size": 0.5, "colour": 0.85, "position": 0.5}
 
 
 @pytest.fixture(scope="module")
