@@ -37,6 +37,15 @@ COPY_LR, COPY_NOISE_OFFSET, COPY_PURE_NOISE = 1e-3, 0.2, 0.25
 COPY_MULTIRES_NOISE, COPY_CONV_RANK = 0.5, 4
 
 
+def parse_vary(text: str | list[str]) -> list[str]:
+    """`--vary hue`: what a slider's halves vary alike, checked."""
+    given = [v.strip() for v in (text.split(",") if isinstance(text, str) else text) if v.strip()]
+    wrong = [v for v in given if v not in VARIED]
+    if wrong:
+        raise InputError(f"--vary takes {', '.join(VARIED)}, not {', '.join(wrong)}.")
+    return given
+
+
 @dataclass
 class TrainConfig:
     """Copy-machine training: overfit a UNet LoRA on one image (or each image of a --pair) with an empty prompt."""
@@ -65,8 +74,8 @@ class TrainConfig:
     )
     blocks: list[str] = option(
         list(UNET_BLOCKS),
-        "UNet blocks that get LoRAs: a subset of down,mid,up (e.g. up for the halves of a slider that should "
-        "keep the layout; measured in datasets/README.md).",
+        "UNet blocks that get LoRAs: a subset of down,mid,up (e.g. mid,up for the halves of a slider that "
+        "should leave the layout alone; measured in datasets/README.md).",
         cli_type=str,
     )
     steps: int = option(1500, "Optimizer steps; in copy and slider mode a budget (they stop once copied).")
@@ -169,11 +178,7 @@ class TrainConfig:
     OFF = {"multires_noise": 0.0, "conv_rank": 0}
 
     def check_vary(self) -> None:
-        if isinstance(self.vary, str):
-            self.vary = [v.strip() for v in self.vary.split(",") if v.strip()]
-        wrong = [v for v in self.vary if v not in VARIED]
-        if wrong:
-            raise InputError(f"--vary takes {', '.join(VARIED)}, not {', '.join(wrong)}.")
+        self.vary = parse_vary(self.vary)
         mode = getattr(self, "mode", "copy")
         if self.vary and mode != "copy":
             raise InputError(f"--vary is for copy mode's halves of a slider (--pair A B); drop it with --mode {mode}.")
