@@ -63,9 +63,8 @@ def test_every_field_has_exactly_one_option_with_the_fields_default(verb):
     for name, (f, _, _) in declared(*CLASSES[verb]).items():
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         shown = params[name].default
-        if isinstance(default, list | tuple) and isinstance(shown, str):  # --seeds 0, --crop 0,0
-            shown = [int(v) for v in shown.split(",")]
-            default = list(default)
+        if isinstance(default, list | tuple) and isinstance(shown, str):  # --seeds 0, --crop 0,0, --blocks down,mid,up
+            shown, default = shown.split(","), [str(v) for v in default]
         assert shown == (None if default in (MISSING, []) else default), name
 
 
