@@ -16,7 +16,7 @@ from loratool.files import sha256
 from loratool.sdxl.index import ModelIndex
 from loratool.train.batch import Batch, OneBatch, Variants
 from loratool.train.check import CopyChecker
-from loratool.train.conditioning import encode_once, release_encoders
+from loratool.train.conditioning import encode_latent, encode_once, release_encoders
 from loratool.train.config import VARY_TURNS, TrainConfig
 from loratool.train.model import Trainee, fold_base_loras, inject_lora, load_base
 
@@ -46,9 +46,13 @@ def trainee_from_pipeline(pipe, config: TrainConfig, image: TrainImage) -> Train
     index = ModelIndex.of_pipeline(pipe)  # before peft wraps the modules
     base_loras = fold_base_loras(pipe, config, index)
     encoded = encode_once(pipe, image)
-    # --vary hue: the same turns of the wheel for both images of the pair (VARY_TURNS[0] = 0: the image itself)
+    # --vary hue: the same turns of the wheel for both images of the pair (VARY_TURNS[0] = 0: the image itself);
+    # only the latent changes, the empty prompt's embeddings and the micro-conditioning are the image's
     turns = VARY_TURNS[1:] if "hue" in config.vary else ()
-    varied = [encoded] + [encode_once(pipe, replace(image, pixels=turn_hue(image.pixels, d))) for d in turns]
+    varied = [encoded] + [
+        replace(encoded, latent=encode_latent(pipe.vae, turn_hue(image.pixels, d)[None].to(encoded.latent.device)))
+        for d in turns
+    ]
     vae = release_encoders(pipe, keep_decoder=bool(config.check_every))
     inject_lora(pipe.unet, config)
     checker = None
