@@ -139,7 +139,7 @@ def _train(config: DemoConfig, images: list[Path], output: Path, base_loras: lis
         check_steps=12,
         **train.TrainConfig.OFF,
         blocks=config.blocks,
-        vary=config.vary if len(images) == 1 else [],
+        vary=config.vary,  # [] unless recipe 2 (DemoConfig), whose halves train one image each
         base_loras=base_loras or [],
         force=config.force,
     )
