@@ -1,12 +1,14 @@
-"""How far the demo model's own caption direction glides: no LoRA, no training. One JSON line per concept.
+"""How far the demo model's own caption direction glides: no LoRA, no training. One JSON line, every concept in it.
 
-    python benchmarks/demo_direction.py --concepts size,colour,position --seeds 8 [--strength 1.0] [--sheet DIR]
+    python benchmarks/demo_direction.py --concepts size,colour,position --seeds 8 [--strength 1.0] [--pair-seed N]
+        [--sheet DIR]
 
-For each concept's pair, every base step predicts ε(prompt) + s · strength · (ε(plus caption) − ε(minus
-caption)) at s = −1, −0.5, 0, 0.5, 1, in the pair's scene minus the concept (the demo's sweep prompt), base +
-refiner as `loratool demo` samples; the renders are measured as the demo measures a slider (demo.evaluation).
-This is what a text slider (recipe 4) is trained to reproduce, so it is the lab's own ceiling for that recipe:
-when this already jumps, the model, not the recipe, is what switches.
+For each concept's pair (the demo's, or the one `loratool demo --pair-seed N` draws), every base step predicts
+ε(prompt) + s · strength · (ε(plus caption) − ε(minus caption)) at s = −1, −0.5, 0, 0.5, 1, in the pair's
+scene minus the concept (the demo's sweep prompt), base + refiner as `loratool demo` samples; the renders are
+measured as the demo measures a slider (demo.evaluation). This is what a text slider (recipe 4) is trained
+to reproduce, so it is the lab's own ceiling for that recipe: when this already jumps, the model, not the
+recipe, is what switches.
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ def guided_unet(unet, plus: tuple, minus: tuple, strength: float) -> dict:
     return state
 
 
-def run_concept(base, refiner, concept: str, seeds: list[int], strength: float, sheet: Path | None) -> dict:
+def run_concept(base, refiner, concept: str, seeds: list[int], strength: float, pair_seed: int, sheet) -> dict:
     import torch
 
     from loratool.demo import shapes
     from loratool.demo.evaluation import evaluate
     from loratool.train.slider import embed
 
-    minus_image, plus_image, minus, plus = shapes.concept_pair(concept, 0)
+    minus_image, plus_image, minus, plus = shapes.concept_pair(concept, pair_seed)
     prompt = plus.caption_without(concept)
     forward = base.unet.forward
     state = guided_unet(base.unet, embed(base, plus.caption), embed(base, minus.caption), strength)
@@ -70,7 +72,7 @@ def run_concept(base, refiner, concept: str, seeds: list[int], strength: float, 
             for j, s in enumerate(SCALES):
                 grid.paste(images[(seed, s)], (128 * j, 128 * i))
         sheet.mkdir(parents=True, exist_ok=True)
-        grid.save(sheet / f"direction-{concept}.png")
+        grid.save(sheet / f"direction-{concept}-{pair_seed}.png")
     return {"prompt": prompt, "plus": plus.caption, "minus": minus.caption, "in_prompt": result["summary"]}
 
 
@@ -79,6 +81,7 @@ def main() -> None:
     p.add_argument("--concepts", default="size,colour,position")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--pair-seed", type=int, default=0, help="which pair of each concept (0: the demo's)")
     p.add_argument("--sheet", type=Path, default=None, help="write a seeds × scales sheet per concept here")
     a = p.parse_args()
     libraries.quiet()  # only the results and our own progress on stdout/stderr
@@ -91,8 +94,10 @@ def main() -> None:
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     seeds = list(range(a.seeds))
-    result = {c: run_concept(base, refiner, c, seeds, a.strength, a.sheet) for c in a.concepts.split(",") if c}
-    print(json.dumps({"benchmark": "demo_direction", "strength": a.strength, "seeds": a.seeds, "concepts": result}))
+    concepts = [c for c in a.concepts.split(",") if c]
+    result = {c: run_concept(base, refiner, c, seeds, a.strength, a.pair_seed, a.sheet) for c in concepts}
+    line = {"benchmark": "demo_direction", "strength": a.strength, "seeds": a.seeds, "pair_seed": a.pair_seed}
+    print(json.dumps({**line, "concepts": result}))
 
 
 if __name__ == "__main__":
