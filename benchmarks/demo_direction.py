@@ -42,7 +42,9 @@ def guided_unet(unet, plus: tuple, minus: tuple, strength: float) -> dict:
     return state
 
 
-def run_concept(base, refiner, concept: str, seeds: list[int], strength: float, pair_seed: int, sheet) -> dict:
+def run_concept(
+    base, refiner, concept: str, seeds: list[int], strength: float, pair_seed: int, sheet: Path | None
+) -> dict:
     import torch
 
     from loratool.demo import shapes
