@@ -77,8 +77,9 @@ def test_size_halves_keep_the_scene_on_a_size_pair_no_choice_was_made_on(tmp_pat
 
 
 def test_recipe1_trains_the_plus_copy_on_the_minus_copy_folded_in(tmp_path):
-    """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy. The
-    sweep runs with --lora-start, which reaches `sample` and is said where the demo says what it swept."""
+    """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy, both on
+    the mid and up blocks (recipe 1's default for size). The sweep runs with --lora-start, which reaches `sample`
+    and is said where the demo says what it swept."""
     from safetensors import safe_open
 
     from loratool.demo.run import DemoConfig, describe, run
@@ -89,6 +90,11 @@ def test_recipe1_trains_the_plus_copy_on_the_minus_copy_folded_in(tmp_path):
     with safe_open(tmp_path / "r1" / "slider.safetensors", "pt") as f:
         meta = f.metadata()
     assert "copy_minus.safetensors" in json.dumps(meta)  # the folded-in base LoRA is recorded
+    assert summary["config"]["blocks"] == ["mid", "up"]  # the size demo's recipe 1 default
+    for name in ("copy_minus", "slider"):
+        with safe_open(tmp_path / "r1" / f"{name}.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert keys and not any(k.startswith("lora_unet_input_blocks") for k in keys), name  # no down block
     assert summary["slider_quality"]["per_seed"]["0"]["progress"]
     sweep = json.loads((tmp_path / "r1" / "sweep" / "sweep.json").read_text())
     assert sweep["lora_start"] == {"fraction": 0.25, "base_steps_off": 4}  # 20 steps, the base does 16

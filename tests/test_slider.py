@@ -261,13 +261,19 @@ def test_demo_sweeps_colour_from_a_quarter_in_and_size_and_position_from_the_fir
 
 
 def test_the_size_demo_trains_its_halves_on_the_mid_and_up_blocks_with_hue_varied():
-    """Per concept unless given, and only for recipe 2, where it was measured (datasets/README.md)."""
+    """Per concept and recipe unless given, where it was measured (datasets/README.md): recipe 2's size halves on
+    the mid and up blocks with hue varied, recipe 1's two size LoRAs on the mid and up blocks alone."""
     from loratool.demo.run import DemoConfig
     from loratool.errors import InputError
 
     every = ["down", "mid", "up"]
     size = DemoConfig(concept="size")
     assert (size.blocks, size.vary) == (["mid", "up"], ["hue"])
+    assert (DemoConfig(concept="size", recipe=1).blocks, DemoConfig(concept="size", recipe=1).vary) == (
+        ["mid", "up"],
+        [],
+    )
+    assert DemoConfig(concept="colour", recipe=1).blocks == every
     for concept in ("colour", "position"):
         assert (DemoConfig(concept=concept).blocks, DemoConfig(concept=concept).vary) == (every, [])
     assert (DemoConfig(concept="size", recipe=3).blocks, DemoConfig(concept="size", recipe=3).vary) == (every, [])
@@ -298,11 +304,11 @@ def test_the_demo_says_when_its_halves_trained_on_some_blocks_only(tmp_path):
     }  # fmt: skip
     (tmp_path / "demo.json").write_text(json.dumps(summary))
     text = "\n".join(describe(tmp_path / "demo.json"))
-    assert "trained on the mid and up blocks" in text and "copy_plus 14.1 dB (halves made to edit" in text
+    assert "trained on the mid and up blocks" in text and "copy_plus 14.1 dB (made to edit" in text
     summary["config"]["blocks"] = ["down", "mid", "up"]
     (tmp_path / "demo.json").write_text(json.dumps(summary))
     text = "\n".join(describe(tmp_path / "demo.json"))
-    assert "trained on the" not in text and "halves made to edit" not in text
+    assert "trained on the" not in text and "made to edit" not in text
 
 
 def test_demo_recipe_3_trains_one_slider_on_the_pair(tmp_path, monkeypatch):
