@@ -5,9 +5,11 @@ slow (minutes of training): CI runs it.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
+from loratool.demo.run import describe
 from tests.demo_quality import SEEDS, check_slider, run_demo, swept_from_the_start
 
 pytestmark = pytest.mark.slow
@@ -20,9 +22,13 @@ def colour_run(tmp_path_factory):
 
 def test_the_colour_demo_starts_its_slider_late_and_follows_the_pair_at_least_as_well(colour_run, tmp_path):
     """The colour demo sweeps with --lora-start 0.25 by default: the base lays the scene out, the slider changes
-    the hue. On the demo pair, against the same slider swept from the first step, 4 seeds: Spearman 1.0 instead
-    of 0.95, kept 1.0 as before, span 0.70 instead of 0.93."""
+    the hue; the start reaches `sample` and is said. On the demo pair, against the same slider swept from the
+    first step, 4 seeds: Spearman 1.0 instead of 0.95, kept 1.0 as before, span 0.70 instead of 0.93."""
     assert colour_run["config"]["lora_start"] == 0.25
+    sweep = json.loads((Path(colour_run["sweep"]) / "sweep.json").read_text())
+    assert sweep["lora_start"] == {"fraction": 0.25, "base_steps_off": 4}  # 20 steps, the base does 16
+    said = describe(Path(colour_run["config"]["output"]) / "demo.json")
+    assert any("off for the first 0.25 of the base steps" in line for line in said)  # said where it says what it swept
     got, early = colour_run["slider_quality"]["summary"], swept_from_the_start(colour_run, tmp_path / "early")
     assert got["mean_spearman"] >= early["mean_spearman"] and got["kept"] >= early["kept"], (got, early)
     assert got["span"] >= 0.5, got

@@ -76,26 +76,24 @@ def test_size_halves_keep_the_scene_on_a_size_pair_no_choice_was_made_on(tmp_pat
     assert summary["slider_quality"]["summary"]["kept"] >= 0.75, summary["slider_quality"]
 
 
-def test_recipe1_trains_the_plus_copy_on_the_minus_copy_folded_in(tmp_path):
-    """Recipe 1 end to end with few steps: the slider is the plus copy trained on top of the minus copy, both on
-    the mid and up blocks (recipe 1's default for size). The sweep runs with --lora-start, which reaches `sample`
-    and is said where the demo says what it swept."""
+def test_recipe1_glides_on_a_size_pair_no_choice_was_made_on(tmp_path):
+    """Recipe 1 end to end: the slider is the plus image trained on top of the minus copy, both LoRAs on the mid
+    and up blocks (recipe 1's default for size, chosen on the size pairs of seeds 0-1 and checked on 2-7), here
+    on the size pair of seed 8, run only after that. On these 4 seeds: Spearman 1.00, largest jump 0.41, span
+    1.58, kept 0.62; on every block 1.00 / 0.45 / 2.10 / 0.94 (mid+up tints the small triangles teal at +1)."""
     from safetensors import safe_open
 
-    from loratool.demo.run import DemoConfig, describe, run
+    from loratool.demo.run import DemoConfig, run
 
-    config = DemoConfig(output=tmp_path / "r1", recipe=1, steps=20, seeds=[0], lora_start=0.25)
-    path = run(config)
-    summary = json.loads(path.read_text())
+    config = DemoConfig(output=tmp_path / "r1", recipe=1, seeds=SEEDS, pair_seed=8)
+    summary = json.loads(run(config).read_text())
     with safe_open(tmp_path / "r1" / "slider.safetensors", "pt") as f:
         meta = f.metadata()
     assert "copy_minus.safetensors" in json.dumps(meta)  # the folded-in base LoRA is recorded
-    assert summary["config"]["blocks"] == ["mid", "up"]  # the size demo's recipe 1 default
+    assert summary["config"]["blocks"] == ["mid", "up"]
     for name in ("copy_minus", "slider"):
         with safe_open(tmp_path / "r1" / f"{name}.safetensors", "pt") as f:
             keys = list(f.keys())
         assert keys and not any(k.startswith("lora_unet_input_blocks") for k in keys), name  # no down block
-    assert summary["slider_quality"]["per_seed"]["0"]["progress"]
-    sweep = json.loads((tmp_path / "r1" / "sweep" / "sweep.json").read_text())
-    assert sweep["lora_start"] == {"fraction": 0.25, "base_steps_off": 4}  # 20 steps, the base does 16
-    assert any("off for the first 0.25 of the base steps" in line for line in describe(path))
+    check_slider(summary)
+    assert summary["slider_quality"]["summary"]["mean_glide"] <= 0.5, summary["slider_quality"]
