@@ -39,6 +39,7 @@ KEEP_WORD = {"size": 0.8, "colour": 0.8, "shape": 0.85, "position": 0.8}  # chan
 ANCHOR_SHARE = 0.3  # of scenes drawn exactly at a named hue, so the names stay sharp
 TRIANGLE_DROP = 0.08  # centroid below the box's middle, share of its height: 1/6 for a triangle, 0 otherwise
 SQUARE_CORNERS = 1.14  # reach along the diagonals over along the axes: squares 1.2-1.34, circles 0.94-1.08 (blurred)
+SPECK_SHARE = 0.25  # a foreground patch smaller than this share of the largest is a speck, not part of the shape
 AREA_PER_RADIUS2 = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
 PAIR_GAP = {"size": 12.0, "colour": 90.0, "position": 40.0}  # least difference of a concept pair
 
@@ -246,10 +247,38 @@ def concept_pair(concept: str, seed: int) -> tuple[Image.Image, Image.Image, Sce
 
 
 def _foreground(pixels: np.ndarray) -> np.ndarray:
-    """Mask of pixels far from the background (the median border colour)."""
+    """Mask of the shape: pixels far from the background (the median border colour), specks left out.
+
+    A render can scatter small blots around its shape. Counted as the shape, a few dozen of them moved its box
+    and centroid enough to read a square as a triangle or a circle (datasets/README.md, "Specks are not the
+    shape"); so a patch under SPECK_SHARE of the largest one does not count."""
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.int16)
     background = np.median(border, axis=0)
-    return np.abs(pixels.astype(np.int16) - background).max(axis=-1) > 60
+    far = np.abs(pixels.astype(np.int16) - background).max(axis=-1) > 60
+    if not far.any():
+        return far
+    labels = components(far)
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return far & (counts[labels] >= SPECK_SHARE * counts.max())
+
+
+def components(mask: np.ndarray) -> np.ndarray:
+    """Labels of the 4-connected patches of a 2-D boolean mask: 0 off it, and within a patch the same label,
+    the flat index + 1 of its first pixel. Each pixel takes its neighbours' smallest label, then that label's own
+    label (pointer jumping), until nothing changes; so it takes about log₂ of a patch's length in rounds."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    none = mask.size + 1
+    while True:
+        padded = np.pad(np.where(mask, labels, none), 1, constant_values=none)
+        smallest = np.minimum.reduce(
+            [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        )
+        step = np.where(mask, smallest, 0)
+        step = np.where(mask, step.ravel()[np.maximum(step, 1) - 1].reshape(mask.shape), 0)
+        if np.array_equal(step, labels):
+            return labels
+        labels = step
 
 
 def _mean_hue(rgb_rows: np.ndarray) -> float:
