@@ -262,7 +262,8 @@ def test_demo_sweeps_colour_from_a_quarter_in_and_size_and_position_from_the_fir
 
 def test_the_size_demo_trains_its_halves_on_the_mid_and_up_blocks_with_hue_varied():
     """Per concept and recipe unless given, where it was measured (datasets/README.md): recipe 2's size halves on
-    the mid and up blocks with hue varied, recipe 1's two size LoRAs on the mid and up blocks alone."""
+    the mid and up blocks with hue varied, recipe 1's two size LoRAs on the mid and up blocks alone, 150 steps
+    each."""
     from loratool.demo.run import DemoConfig
     from loratool.errors import InputError
 
@@ -274,6 +275,11 @@ def test_the_size_demo_trains_its_halves_on_the_mid_and_up_blocks_with_hue_varie
         [],
     )
     assert DemoConfig(concept="colour", recipe=1).blocks == every
+    steps = {(r, c): DemoConfig(concept=c, recipe=r).steps for r in (1, 2) for c in ("size", "colour")}
+    assert steps == {(1, "size"): 150, (1, "colour"): 300, (2, "size"): 300, (2, "colour"): 300}
+    assert DemoConfig(concept="size", recipe=1, steps=300).steps == 300
+    with pytest.raises(InputError, match="--steps must be at least 1"):
+        DemoConfig(concept="size", recipe=1, steps=0)
     for concept in ("colour", "position"):
         assert (DemoConfig(concept=concept).blocks, DemoConfig(concept=concept).vary) == (every, [])
     assert (DemoConfig(concept="size", recipe=3).blocks, DemoConfig(concept="size", recipe=3).vary) == (every, [])
