@@ -37,7 +37,7 @@ LORA_START = {"colour": 0.25}
 # its largest jump averaged 0.39 against 0.47 on every block (less on all eight) and it kept the scene on 0.85 of
 # renders against 0.68 ("Recipe 1 on the mid and up blocks"). At 150 steps per LoRA instead of 300, on eleven
 # size pairs, it kept the scene on 0.95 of renders against 0.90 and moved less far (span 0.65 against 0.85),
-# jumping no more (0.40 against 0.41), in half the training time ("Recipe 1 on fewer steps").
+# jumping no more (0.40 against 0.41), on half the training steps ("Recipe 1 on fewer steps").
 TRAINED_ON = {
     (2, "size"): {"blocks": ["mid", "up"], "vary": ["hue"]},
     (1, "size"): {"blocks": ["mid", "up"], "steps": 150},
@@ -61,8 +61,8 @@ class DemoConfig:
     pair_seed: int = option(0, "Which pair of the concept (drawn from this seed).")
     steps: int | None = option(
         None,
-        f"Training steps per LoRA (the budget; copies stop once copied); default 150 for recipe 1's size "
-        f"LoRAs, {STEPS} otherwise.",
+        f"Training steps per LoRA (the budget; copies stop once copied); default "
+        f"{TRAINED_ON[1, 'size']['steps']} for recipe 1's size LoRAs, {STEPS} otherwise.",
     )
     rank: int = 8
     sample_steps: int = 20
