@@ -17,13 +17,6 @@ from loratool.train.loss import batch_weights
 FAST = dict(resolution=64, rank=4, lr=1e-3, generate_steps=2)
 
 
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler():
-    """The CLI points the root logger at CliRunner's stderr, which is closed once the command returns."""
-    yield
-    logging.getLogger().handlers.clear()
-
-
 def _image(path, size, seed):
     w, h = size
     y, x = np.mgrid[0:h, 0:w]

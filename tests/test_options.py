@@ -2,7 +2,6 @@
 (TOML or an output's recorded config) feed the same fields, and a flag of another train mode is an error."""
 
 import json
-import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -35,13 +34,6 @@ CLASSES = {
     "merge": (MergeConfig,),
     "demo": (DemoConfig,),
 }
-
-
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler():
-    """The CLI points the root logger at CliRunner's stderr, which is closed once the command returns."""
-    yield
-    logging.getLogger().handlers.clear()
 
 
 def _params(verb: str) -> dict:

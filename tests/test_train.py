@@ -17,13 +17,6 @@ from loratool.train import loop as train_loop
 FAST = dict(resolution=64, rank=4, lr=1e-3, check_seeds=1, check_steps=4)
 
 
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler():
-    """The CLI points the root logger at CliRunner's stderr, which is closed once the command returns."""
-    yield
-    logging.getLogger().handlers.clear()
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     y, x = np.mgrid[0:80, 0:96]
