@@ -248,7 +248,7 @@ def test_the_build_takes_a_decoy_share_and_refuses_it_beside_pure_noise(capsys):
         assert exit_.value.code == 2 and "--decoy" in capsys.readouterr().err
 
 
-def test_a_decoder_fine_tune_keeps_the_encoder_and_the_unets(tmp_path):
+def test_a_decoder_fine_tune_keeps_the_encoder_and_the_unets(tmp_path, recwarn):
     """`--vae-part decoder` changes what is drawn, never the latents: the UNets' training data stays valid."""
     from safetensors.torch import load_file
 
@@ -275,6 +275,8 @@ def test_a_decoder_fine_tune_keeps_the_encoder_and_the_unets(tmp_path):
     assert "latent_mean" not in build(unet_only)
     b, c = (load_file(tmp_path / x / "base/vae/diffusion_pytorch_model.safetensors") for x in "bc")
     assert all(torch.equal(b[k], c[k]) for k in b)
+    # a fine-tune loads its start through the verbs' loader: no deprecated-argument warning on stderr
+    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]
 
 
 def test_a_zero_snr_build_saves_its_schedule_and_sample_follows_it(tmp_path):

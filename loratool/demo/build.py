@@ -137,17 +137,15 @@ def zero_snr_scheduler(scheduler):
 
 
 def _load(source: str):
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    """The base and refiner to fine-tune, through the loader every verb uses (fp32 on the CPU; no loading bars)."""
+    from loratool.sdxl.models import Runtime, load_pipeline
 
-    from loratool.sdxl.models import resolve_alias
-
-    if source == "demo":
-        folders = [Path(resolve_alias(source)), Path(resolve_alias(source, refiner=True))]
-    else:
-        folders = [Path(source) / "base", Path(source) / "refiner"]
-    base = StableDiffusionXLPipeline.from_pretrained(folders[0], torch_dtype=torch.float32)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders[1], torch_dtype=torch.float32)
-    refiner.vae, refiner.text_encoder_2 = base.vae, base.text_encoder_2  # shared, as build_tiny_pipelines does
+    base_source, refiner_source = (source, source) if source == "demo" else (f"{source}/base", f"{source}/refiner")
+    base = load_pipeline(base_source, Runtime("cpu", "fp32"))
+    # the VAE and second text encoder shared, as build_tiny_pipelines does
+    refiner = load_pipeline(
+        refiner_source, Runtime("cpu", "fp32"), refiner=True, vae=base.vae, text_encoder_2=base.text_encoder_2
+    )
     return base, refiner
 
 
