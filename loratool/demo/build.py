@@ -141,11 +141,10 @@ def _load(source: str):
     from loratool.sdxl.models import Runtime, load_pipeline
 
     base_source, refiner_source = (source, source) if source == "demo" else (f"{source}/base", f"{source}/refiner")
-    base = load_pipeline(base_source, Runtime("cpu", "fp32"))
+    runtime = Runtime("cpu", "fp32")
+    base = load_pipeline(base_source, runtime)
     # the VAE and second text encoder shared, as build_tiny_pipelines does
-    refiner = load_pipeline(
-        refiner_source, Runtime("cpu", "fp32"), refiner=True, vae=base.vae, text_encoder_2=base.text_encoder_2
-    )
+    refiner = load_pipeline(refiner_source, runtime, refiner=True, vae=base.vae, text_encoder_2=base.text_encoder_2)
     return base, refiner
 
 
