@@ -1,7 +1,7 @@
 """How far the demo model's own caption direction glides: no LoRA, no training. One JSON line, every concept in it.
 
     python benchmarks/demo_direction.py --concepts size,colour,position --seeds 8 [--strength 1.0] [--pair-seed N]
-        [--sheet DIR]
+        [--sheet DIR] [--weights DIR]
 
 For each concept's pair (the demo's, or the one `loratool demo --pair-seed N` draws), every base step predicts
 ε(prompt) + s · strength · (ε(plus caption) − ε(minus caption)) at s = −1, −0.5, 0, 0.5, 1, in the pair's
@@ -85,20 +85,25 @@ def main() -> None:
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--pair-seed", type=int, default=0, help="which pair of each concept (0: the demo's)")
     p.add_argument("--sheet", type=Path, default=None, help="write a seeds × scales sheet per concept here")
+    p.add_argument("--weights", type=Path, default=None, help="demo model folder to use instead of the shipped one")
     a = p.parse_args()
     libraries.quiet()  # only the results and our own progress on stdout/stderr
     import torch
 
-    from loratool.sdxl.models import load_models, pick_runtime
+    from loratool.sdxl import models
 
+    if a.weights is not None:
+        models.DEMO_WEIGHTS = a.weights.resolve()
     torch.set_num_threads(1)
-    base, refiner = load_models("demo", "demo", pick_runtime("cpu"))
+    base, refiner = models.load_models("demo", "demo", models.pick_runtime("cpu"))
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     seeds = list(range(a.seeds))
     concepts = [c for c in a.concepts.split(",") if c]
     result = {c: run_concept(base, refiner, c, seeds, a.strength, a.pair_seed, a.sheet) for c in concepts}
-    line = {"benchmark": "demo_direction", "strength": a.strength, "seeds": a.seeds, "pair_seed": a.pair_seed}
+    weights = str(a.weights) if a.weights else "shipped"
+    line = {"benchmark": "demo_direction", "weights": weights, "strength": a.strength, "seeds": a.seeds}
+    line |= {"pair_seed": a.pair_seed}
     print(json.dumps({**line, "concepts": result}))
 
 

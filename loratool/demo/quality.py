@@ -5,8 +5,11 @@
 Prints one JSON line: agreement per attribute with full captions (`full`) and with partial ones (`partial`,
 counted over the attributes each caption names), `agreement` (colour, position and size all right on full
 captions), `varies` (for prompts that leave an attribute out, the share whose seeds render more than one value
-of it: a model that always draws the same size for "a red circle" has nothing for a size slider to move), and
-`empty_prompt_sane` (renders of "" that show one plausible shape, what copy-machine training starts from).
+of it: a model that always draws the same size for "a red circle" has nothing for a size slider to move),
+`left_out_gap` (how much of what the data spans those seeds leave empty: per attribute, the median over
+prompts of the widest empty stretch, beside what as many uniform draws would leave; two words seen can still
+both come from one corner of the wheel), and `empty_prompt_sane` (renders of "" that show one plausible shape,
+what copy-machine training starts from).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 ATTRIBUTES = ("colour", "position", "size", "shape")
 SANE_AREA = (150, 6000)  # px at 128: one shape, neither a speck nor a full-frame texture
 SANE_FILL = 0.35  # of its bounding box: a solid shape, not scattered texture
+SPANS = {"colour": (0.0, 360.0), "position": shapes.CENTRE_X, "size": shapes.RADIUS}  # what the data draws from
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,43 @@ def variation(images: list[Image.Image], scenes: list[shapes.Scene], seeds: int)
     return {a: round(float(np.mean(v)), 3) if v else None for a, v in varied.items()}
 
 
+def largest_gap(values: list[float], low: float, high: float, circular: bool = False) -> float:
+    """The widest stretch of [low, high) that no value falls in, as a share of it; on a circle (hue) it wraps."""
+    span, v = high - low, np.asarray(values, dtype=float)
+    if v.size == 0:
+        return 1.0
+    v = np.sort((v - low) % span if circular else np.clip(v, low, high) - low)
+    edges = np.concatenate([v, [v[0] + span]]) if circular else np.concatenate([[0.0], v, [span]])
+    return float(np.diff(edges).max() / span)
+
+
+def uniform_gap(n: int, circular: bool = False) -> float:
+    """The expected `largest_gap` of n uniform draws: what a model that varies as its data does would leave."""
+    k = n if circular else n + 1  # n points cut a circle into n stretches, an interval into n + 1
+    return float(sum(1.0 / i for i in range(1, k + 1)) / k)
+
+
+def gaps(images: list[Image.Image], scenes: list[shapes.Scene], seeds: int) -> dict:
+    """Per attribute left out of a prompt: the median over prompts of the `largest_gap` its `seeds` renders leave
+    (hue on the wheel, centre x and radius on the data's ranges), beside `uniform_gap` for as many draws."""
+    found = {a: [] for a in SPANS}
+    for i in range(0, len(scenes), seeds):
+        seen = [shapes.describe(_at_128(image)) for image in images[i : i + seeds]]
+        seen = [d for d in seen if d.shape is not None]
+        for a, (low, high) in SPANS.items():
+            if a not in scenes[i].named_in_caption and seen:
+                values = [getattr(d, shapes.FIELD[a]) for d in seen]
+                found[a].append((largest_gap(values, low, high, a == "colour"), len(values)))
+    report = {}
+    for a, rows in found.items():
+        if rows:
+            report[a] = {
+                "gap": round(float(np.median([g for g, _ in rows])), 3),
+                "if_uniform": round(float(np.median([uniform_gap(n, a == "colour") for _, n in rows])), 3),
+            }
+    return report
+
+
 def sane(image: Image.Image) -> bool:
     seen = shapes.describe(_at_128(image))
     return seen.colour is not None and SANE_AREA[0] <= seen.area <= SANE_AREA[1] and seen.fill >= SANE_FILL
@@ -120,6 +161,7 @@ def check(base, refiner, prompts: int = 24, seeds: int = 2, empty: int = 8, cfg:
         report[kind] = agreement(images, scenes)
         if kind == "partial":
             report["varies"] = variation(images, scenes, seeds)
+            report["left_out_gap"] = gaps(images, scenes, seeds)
         everything += images
     blank = render(base, refiner, [""] * empty, list(range(empty)), cfg)
     report["agreement"] = report["full"].pop("agreement")
