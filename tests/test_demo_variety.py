@@ -39,12 +39,13 @@ def test_uniform_gap_shrinks_with_more_draws():
 
 def test_a_left_out_colour_in_one_corner_of_the_wheel_reads_as_a_wide_gap_and_a_spread_one_does_not():
     """Eight seeds of a prompt that names only the shape: drawn at hues 0–35° (as the shipped model draws "a
-    square"), then spread round the wheel. The place and size vary in neither, and are named in neither."""
+    square"), then spread round the wheel. The place varies over 40–75 px, the size not at all; neither is
+    named."""
     scene = replace(shapes.scene_for(3, 0, drop_words=False), shape="square", named=("shape",))
     corner = [replace(scene, hue=h, cx=40.0 + 5 * i) for i, h in enumerate(range(0, 40, 5))]
     spread = [replace(s, hue=45.0 * i) for i, s in enumerate(corner)]
     for scenes, expected in ((corner, 325 / 360), (spread, 0.125)):
-        report = gaps([shapes.render(s) for s in scenes], scenes, seeds=len(scenes))
+        report = gaps([shapes.describe(shapes.render(s)) for s in scenes], scenes, seeds=len(scenes))
         assert report["colour"]["gap"] == pytest.approx(expected, abs=0.03), report
         assert report["colour"]["if_uniform"] == pytest.approx(uniform_gap(8, circular=True), abs=0.001)
         assert report["size"]["gap"] > 0.5  # one radius: most of 10–34 px is never drawn
@@ -53,4 +54,4 @@ def test_a_left_out_colour_in_one_corner_of_the_wheel_reads_as_a_wide_gap_and_a_
 
 def test_an_attribute_the_prompt_names_is_not_counted():
     scenes = [replace(shapes.scene_for(3, 0, drop_words=False), named=shapes.ATTRIBUTES)] * 2
-    assert gaps([shapes.render(s) for s in scenes], scenes, seeds=2) == {}
+    assert gaps([shapes.describe(shapes.render(s)) for s in scenes], scenes, seeds=2) == {}

@@ -76,11 +76,10 @@ def _at_128(image: Image.Image) -> Image.Image:
     return image if image.size == size else image.convert("RGB").resize(size, Image.Resampling.BILINEAR)
 
 
-def agreement(images: list[Image.Image], scenes: list[shapes.Scene]) -> dict:
+def agreement(seen_all: list[shapes.Description], scenes: list[shapes.Scene]) -> dict:
     """Per attribute, the share of renders whose caption names it that show it; plus colour+position+size."""
     hits = {a: [] for a in ATTRIBUTES} | {"agreement": []}
-    for image, scene in zip(images, scenes, strict=True):
-        seen = shapes.describe(_at_128(image))
+    for seen, scene in zip(seen_all, scenes, strict=True):
         right = {a: getattr(seen, a) == getattr(scene, a) for a in scene.named_in_caption}
         for a, ok in right.items():
             hits[a].append(ok)
@@ -89,11 +88,11 @@ def agreement(images: list[Image.Image], scenes: list[shapes.Scene]) -> dict:
     return {k: round(float(np.mean(v)), 3) if v else None for k, v in hits.items()}
 
 
-def variation(images: list[Image.Image], scenes: list[shapes.Scene], seeds: int) -> dict:
+def variation(seen_all: list[shapes.Description], scenes: list[shapes.Scene], seeds: int) -> dict:
     """Per attribute left out of a prompt: the share of prompts whose `seeds` renders show 2+ of its words."""
     varied = {a: [] for a in ("colour", "position", "size")}
     for i in range(0, len(scenes), seeds):
-        seen = [shapes.describe(_at_128(image)) for image in images[i : i + seeds]]
+        seen = seen_all[i : i + seeds]
         for a in varied:
             if a not in scenes[i].named_in_caption:
                 varied[a].append(len({getattr(d, a) for d in seen if d.shape is not None}) > 1)
@@ -116,13 +115,12 @@ def uniform_gap(n: int, circular: bool = False) -> float:
     return float(sum(1.0 / i for i in range(1, k + 1)) / k)
 
 
-def gaps(images: list[Image.Image], scenes: list[shapes.Scene], seeds: int) -> dict:
+def gaps(seen_all: list[shapes.Description], scenes: list[shapes.Scene], seeds: int) -> dict:
     """Per attribute left out of a prompt: the median over prompts of the `largest_gap` its `seeds` renders leave
     (hue on the wheel, centre x and radius on the data's ranges), beside `uniform_gap` for as many draws."""
     found = {a: [] for a in SPANS}
     for i in range(0, len(scenes), seeds):
-        seen = [shapes.describe(_at_128(image)) for image in images[i : i + seeds]]
-        seen = [d for d in seen if d.shape is not None]
+        seen = [d for d in seen_all[i : i + seeds] if d.shape is not None]
         for a, (low, high) in SPANS.items():
             if a not in scenes[i].named_in_caption and seen:
                 values = [getattr(d, shapes.FIELD[a]) for d in seen]
@@ -158,10 +156,11 @@ def check(base, refiner, prompts: int = 24, seeds: int = 2, empty: int = 8, cfg:
         scenes = [s for s in check_scenes(prompts, partial=kind == "partial") for _ in range(seeds)]
         seed_list = [k for _ in range(prompts) for k in range(seeds)]
         images = render(base, refiner, [s.caption for s in scenes], seed_list, cfg)
-        report[kind] = agreement(images, scenes)
+        seen = [shapes.describe(_at_128(image)) for image in images]  # read once, for every measure below
+        report[kind] = agreement(seen, scenes)
         if kind == "partial":
-            report["varies"] = variation(images, scenes, seeds)
-            report["left_out_gap"] = gaps(images, scenes, seeds)
+            report["varies"] = variation(seen, scenes, seeds)
+            report["left_out_gap"] = gaps(seen, scenes, seeds)
         everything += images
     blank = render(base, refiner, [""] * empty, list(range(empty)), cfg)
     report["agreement"] = report["full"].pop("agreement")
